@@ -1,0 +1,137 @@
+"""The `promptcast` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+EXIT_CONFIG = 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(path: str | None):
+    from broadcaster.settings import ConfigError, load_settings
+
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(f"{exc.source}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the channel."""
+    from broadcaster.service import Service
+    from engine.backends import BackendUnavailable
+
+    settings = _load(args.config)
+    if settings is None:
+        return EXIT_CONFIG
+    try:
+        asyncio.run(Service(settings).run())
+    except BackendUnavailable as exc:
+        print(f"{args.config or '<default>'}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:  # an unusable audio file and the like, found at start-up
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate a channel file."""
+    settings = _load(args.file)
+    if settings is None:
+        return EXIT_CONFIG
+    outputs = ", ".join(o.kind for o in settings.outputs) or "no outputs"
+    print(f"{args.file}: OK (channel {settings.channel}; engine {settings.engine.backend} "
+          f"{settings.engine.width}x{settings.engine.height}@{settings.engine.fps:g}; {outputs})")
+    return 0
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    """Send a prompt to a running channel's control API."""
+    token = args.token or os.environ.get("PROMPTCAST_API_TOKEN", "")
+    if not token and Path(args.token_file).exists():
+        token = Path(args.token_file).read_text().strip()
+    if not token:
+        print("no API token: set PROMPTCAST_API_TOKEN or pass --token", file=sys.stderr)
+        return 1
+    request = urllib.request.Request(
+        args.url.rstrip("/") + "/api/prompt",
+        data=json.dumps({"prompt": args.text}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print(response.read().decode())
+    except urllib.error.HTTPError as exc:
+        print(f"refused ({exc.code}): {exc.read().decode()}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as exc:
+        print(f"cannot reach {args.url}: {exc.reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run a benchmark."""
+    from broadcaster.bench import bench_output
+
+    if args.what == "output":
+        print(bench_output(frames=args.frames))
+        return 0
+    print(f"bench {args.what}: not part of this build yet", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="promptcast", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the channel")
+    run.add_argument("--config", help="channel YAML (default: the embedded demo)")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a channel YAML; exit 2 on errors")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+
+    prompt = sub.add_parser("prompt", help="switch a running channel to a new prompt")
+    prompt.add_argument("text")
+    prompt.add_argument("--url", default="http://127.0.0.1:8080")
+    prompt.add_argument("--token", default="")
+    prompt.add_argument("--token-file", default="./out/api-token")
+    prompt.set_defaults(func=cmd_prompt)
+
+    bench = sub.add_parser("bench", help="measure speed")
+    bench.add_argument("what", choices=["output"])
+    bench.add_argument("--frames", type=int, default=320)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    return args.func(args)

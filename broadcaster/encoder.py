@@ -1,0 +1,170 @@
+"""Encode once: one H.264 video encode and one AAC audio encode feed every output."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from broadcaster.audio import CHANNELS, SAMPLE_RATE, open_audio
+from broadcaster.packets import AUDIO, VIDEO, EncodedPacket
+from broadcaster.settings import EncoderSettings
+
+log = logging.getLogger(__name__)
+
+AAC_FRAME = 1024
+
+
+def frame_rate(fps: float) -> Fraction:
+    """An exact rational for an fps setting (29.97 -> 30000/1001)."""
+    return Fraction(fps).limit_denominator(1001)
+
+
+def choose_codec(setting: str) -> str:
+    """`auto` takes NVENC where an NVIDIA device exists, else libx264."""
+    if setting != "auto":
+        return setting
+    return "h264_nvenc" if os.path.exists("/dev/nvidia0") else "libx264"
+
+
+class _Streams:
+    """A video and an audio encoder configured for broadcast, owned by a scratch container."""
+
+    def __init__(self, settings: EncoderSettings, codec: str, width: int, height: int, fps: float):
+        self.rate = frame_rate(fps)
+        self.buffer = io.BytesIO()
+        # Matroska sets GLOBAL_HEADER, so the encoders publish extradata the muxers need.
+        self.container = av.open(self.buffer, "w", format="matroska")
+        gop = max(1, round(settings.keyframe_seconds * float(self.rate)))
+        kbps = settings.video_bitrate_kbps
+        video = self.container.add_stream(codec, rate=self.rate)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.bit_rate = kbps * 1000
+        video.codec_context.time_base = 1 / self.rate
+        video.codec_context.gop_size = gop
+        video.codec_context.max_b_frames = 0
+        if codec == "libx264":
+            video.options = {
+                "preset": settings.preset,
+                "tune": "zerolatency",
+                "profile": settings.profile,
+                "threads": str(settings.threads),
+                # Exactly one keyframe every keyframe_seconds, never a scene-cut one; true CBR
+                # (filler data) as Twitch asks; headers repeated so a late joiner can decode.
+                "x264-params": (
+                    f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:force-cfr=1:"
+                    f"nal-hrd=cbr:vbv-maxrate={kbps}:vbv-bufsize={kbps}:repeat-headers=1"
+                ),
+            }
+        else:  # NVENC: the same contract in its own option names
+            video.options = {
+                "preset": "p2",
+                "tune": "ull",
+                "rc": "cbr",
+                "profile": settings.profile,
+                "bf": "0",
+                "g": str(gop),
+                "forced-idr": "1",
+                "zerolatency": "1",
+                "maxrate": f"{kbps}k",
+                "bufsize": f"{kbps}k",
+            }
+        audio = self.container.add_stream("aac", rate=SAMPLE_RATE, layout="stereo")
+        audio.bit_rate = settings.audio_bitrate_kbps * 1000
+        self.video, self.audio = video, audio
+        self.gop = gop
+
+
+class StreamEncoder:
+    """Turns RGB frames into H.264 + AAC packets at a constant frame rate."""
+
+    def __init__(self, settings: EncoderSettings, width: int, height: int, fps: float):
+        self.settings = settings
+        self.width, self.height, self.fps = width, height, fps
+        self.codec = choose_codec(settings.codec)
+        try:
+            self._streams = _Streams(settings, self.codec, width, height, fps)
+            self.template = self._make_template()
+        except av.FFmpegError as exc:
+            if self.codec == "libx264" or settings.codec != "auto":
+                raise
+            log.warning("encoder %s unusable (%s); using libx264", self.codec, exc)
+            self.codec = "libx264"
+            self._streams = _Streams(settings, self.codec, width, height, fps)
+            self.template = self._make_template()
+        self.rate = self._streams.rate
+        self.gop = self._streams.gop
+        self.video_time_base = 1 / self.rate
+        self.audio_time_base = Fraction(1, SAMPLE_RATE)
+        self._audio = open_audio(settings.audio)
+        self._audio_samples = 0
+        self.last_encode_seconds = 0.0
+        log.info(
+            "encoder: %s %dx%d @ %s fps, %d kbit/s CBR, keyframe every %d frames; AAC %d kbit/s (%s)",
+            self.codec, width, height, self.rate, settings.video_bitrate_kbps, self.gop,
+            settings.audio_bitrate_kbps, settings.audio,
+        )
+
+    def _make_template(self) -> bytes:
+        """A tiny Matroska file with one packet per stream: how muxer processes learn the codecs.
+
+        Made by a twin encoder with identical settings, so its parameter sets equal the
+        live encoder's without touching the live stream.
+        """
+        twin = _Streams(self.settings, self.codec, self.width, self.height, float(self._streams.rate))
+        frame = av.VideoFrame.from_ndarray(np.zeros((self.height, self.width, 3), np.uint8), format="rgb24")
+        frame.pts = 0
+        packets = list(twin.video.encode(frame)) + list(twin.video.encode(None))
+        audio = av.AudioFrame.from_ndarray(
+            np.zeros((CHANNELS, AAC_FRAME), np.float32), format="fltp", layout="stereo"
+        )
+        audio.sample_rate = SAMPLE_RATE
+        audio.pts = 0
+        apackets: list = []
+        for _ in range(4):  # AAC has priming delay: feed until a packet appears
+            apackets += twin.audio.encode(audio)
+        packets += apackets + list(twin.audio.encode(None))
+        twin.container.mux(packets)
+        twin.container.close()
+        return twin.buffer.getvalue()
+
+    def encode(self, rgb: np.ndarray, index: int) -> list[EncodedPacket]:
+        """Encode output frame `index` (scaled to the output size) and the audio up to its end."""
+        started = time.perf_counter()
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        if frame.width != self.width or frame.height != self.height:
+            frame = frame.reformat(width=self.width, height=self.height, format="yuv420p",
+                                   interpolation="BILINEAR")
+        frame.pts = index
+        frame.time_base = self.video_time_base
+        out = [self._wrap(p, VIDEO) for p in self._streams.video.encode(frame)]
+        due = int((index + 1) * SAMPLE_RATE / self.rate)
+        while self._audio_samples + AAC_FRAME <= due:
+            audio = av.AudioFrame.from_ndarray(self._audio.read(AAC_FRAME), format="fltp", layout="stereo")
+            audio.sample_rate = SAMPLE_RATE
+            audio.pts = self._audio_samples
+            audio.time_base = self.audio_time_base
+            self._audio_samples += AAC_FRAME
+            out += [self._wrap(p, AUDIO) for p in self._streams.audio.encode(audio)]
+        self.last_encode_seconds = time.perf_counter() - started
+        return out
+
+    @staticmethod
+    def _wrap(packet: av.Packet, stream: int) -> EncodedPacket:
+        return EncodedPacket(
+            stream=stream,
+            data=bytes(packet),
+            pts=packet.pts if packet.pts is not None else 0,
+            dts=packet.dts if packet.dts is not None else (packet.pts or 0),
+            duration=packet.duration or 0,
+            keyframe=packet.is_keyframe,
+        )
+
+    def close(self) -> None:
+        """Release the codec contexts."""
+        self._streams.container.close()

@@ -1,0 +1,48 @@
+"""Prometheus metrics (names fixed by product.md), on a registry per service instance."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """Every metric the broadcaster exports; one instance per running service."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.frames_generated = Counter(
+            "promptcast_frames_generated", "Frames the engine delivered into the ring", registry=r)
+        self.frames_output = Counter(
+            "promptcast_frames_output", "Frames the pacer sent to the encoder", registry=r)
+        self.frames_repeated = Counter(
+            "promptcast_frames_repeated", "Output frames repeated because the engine was late", registry=r)
+        self.generation_fps = Gauge(
+            "promptcast_generation_fps", "Engine frames per second over the last seconds", registry=r)
+        self.output_connected = Gauge(
+            "promptcast_output_connected", "1 while the output is writing", ["output"], registry=r)
+        self.output_reconnects = Counter(
+            "promptcast_output_reconnects", "Restarts of an output after a failure", ["output"], registry=r)
+        self.output_watchdog_kills = Counter(
+            "promptcast_output_watchdog_kills", "Muxers killed for making no progress", ["output"],
+            registry=r)
+        self.output_dropped_packets = Counter(
+            "promptcast_output_dropped_packets", "Packets an output could not take in time", ["output"],
+            registry=r)
+        self.encode_seconds = Histogram(
+            "promptcast_encode_seconds", "Time to encode one output frame (video + audio)",
+            buckets=(0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128), registry=r)
+        self.prompt_switches = Counter(
+            "promptcast_prompt_switches", "Prompt switches applied", registry=r)
+        self.switch_latency = Histogram(
+            "promptcast_switch_latency_seconds",
+            "From the switch decision to the first frame of the new prompt leaving the encoder",
+            buckets=(0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10), registry=r)
+        self.engine_restarts = Counter(
+            "promptcast_engine_restarts", "Engine process restarts after a crash or hang", ["reason"],
+            registry=r)
+        self.engine_up = Gauge("promptcast_engine_up", "1 while the engine process delivers frames",
+                               registry=r)
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

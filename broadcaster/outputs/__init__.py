@@ -1,0 +1,1 @@
+"""Outputs: every place the one encode goes (RTMP, HLS, recordings)."""

@@ -1,0 +1,73 @@
+"""Turn output settings into muxer targets."""
+
+from __future__ import annotations
+
+from broadcaster.backoff import Backoff
+from broadcaster.encoder import StreamEncoder
+from broadcaster.metrics import Metrics
+from broadcaster.outputs.muxer_output import MuxerOutput
+from broadcaster.outputs.muxer_process import MuxTarget
+from broadcaster.settings import (
+    HlsOutputSettings,
+    OutputSettings,
+    RecordOutputSettings,
+    RtmpOutputSettings,
+    Settings,
+    output_name,
+)
+
+HLS_PLAYLIST = "index.m3u8"
+
+
+def mux_target(output: OutputSettings, name: str, channel: str, keyframe_seconds: float) -> MuxTarget:
+    """The muxer target for one output entry."""
+    if isinstance(output, RtmpOutputSettings):
+        return MuxTarget(name=name, kind="rtmp", format="flv", destination=output.url)
+    if isinstance(output, HlsOutputSettings):
+        output.dir.mkdir(parents=True, exist_ok=True)
+        # Segments can only cut at keyframes: round the segment length to whole GOPs.
+        gops = max(1, round(output.segment_seconds / keyframe_seconds))
+        return MuxTarget(
+            name=name,
+            kind="hls",
+            format="hls",
+            destination=str(output.dir / HLS_PLAYLIST),
+            options={
+                "hls_time": f"{gops * keyframe_seconds:g}",
+                "hls_list_size": str(output.list_size),
+                "hls_flags": "delete_segments+independent_segments+program_date_time",
+                "hls_start_number_source": "epoch",
+                "hls_segment_filename": str(output.dir / f"{channel}-%d.ts"),
+            },
+        )
+    if isinstance(output, RecordOutputSettings):
+        options = {}
+        if output.format == "mp4":
+            # Fragmented MP4: every fragment is playable, even if the process is killed.
+            options["movflags"] = "+frag_keyframe+empty_moov+default_base_moof"
+        return MuxTarget(
+            name=name,
+            kind="record",
+            format="matroska" if output.format == "mkv" else "mp4",
+            destination=str(output.dir),
+            options=options,
+            rotate_seconds=output.segment_minutes * 60,
+            file_prefix=channel,
+        )
+    raise TypeError(f"no muxer for output kind {output.kind!r}")
+
+
+def build_outputs(settings: Settings, encoder: StreamEncoder, metrics: Metrics) -> list[MuxerOutput]:
+    """One supervised muxer per configured output."""
+    outputs = []
+    for index, output in enumerate(settings.outputs):
+        name = output_name(output, index)
+        target = mux_target(output, name, settings.channel, settings.encoder.keyframe_seconds)
+        if isinstance(output, RtmpOutputSettings):
+            watchdog = output.watchdog_seconds
+            backoff = Backoff(output.reconnect_min_s, output.reconnect_max_s)
+        else:
+            watchdog, backoff = 10.0, Backoff(1.0, 30.0)
+        time_bases = (encoder.video_time_base, encoder.audio_time_base)
+        outputs.append(MuxerOutput(target, encoder.template, time_bases, metrics, watchdog, backoff))
+    return outputs

@@ -1,0 +1,249 @@
+"""An output backed by a supervised muxer child process, with watchdog and reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+from collections import deque
+from fractions import Fraction
+
+from broadcaster.backoff import Backoff
+from broadcaster.metrics import Metrics
+from broadcaster.outputs.muxer_process import (
+    BEAT,
+    BYTES,
+    CLOSE,
+    CONNECTED,
+    PACKETS,
+    MuxTarget,
+    run_muxer,
+)
+from broadcaster.packets import VIDEO, EncodedPacket
+from broadcaster.redact import redact_url
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+_CTX = mp.get_context("spawn")
+STABLE_SECONDS = 30.0  # a connection that lasted this long resets the backoff
+
+
+class MuxerOutput:
+    """Feeds packets to one muxer process; restarts it when it dies or stops making progress."""
+
+    def __init__(
+        self,
+        target: MuxTarget,
+        template: bytes,
+        time_bases: tuple[Fraction, Fraction],
+        metrics: Metrics,
+        watchdog_seconds: float = 10.0,
+        backoff: Backoff | None = None,
+        queue_packets: int = 2000,
+    ):
+        self.target = target
+        self.name = target.name
+        self.template = template
+        self.time_bases = time_bases
+        self.metrics = metrics
+        self.watchdog_seconds = watchdog_seconds
+        self.backoff = backoff or Backoff(1.0, 30.0)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_packets)
+        self._accepting = False
+        self._need_keyframe = True
+        self._closing = False
+        self.process: mp.process.BaseProcess | None = None
+        self.connected = False
+        self.reconnects = 0
+        self.watchdog_kills = 0
+        self.last_error = ""
+        self.files: list[str] = []
+        self._rates: deque[tuple[float, float]] = deque(maxlen=20)
+        self._heartbeat = None
+        self.metrics.output_connected.labels(self.name).set(0)
+        self.metrics.output_reconnects.labels(self.name)
+        self.metrics.output_watchdog_kills.labels(self.name)
+
+    @property
+    def shown_destination(self) -> str:
+        """The destination as it may appear in logs and status."""
+        return redact_url(self.target.destination) if "://" in self.target.destination else self.target.destination
+
+    def submit(self, packet: EncodedPacket) -> None:
+        """Queue a packet without ever blocking the caller; a backlog drops up to the next keyframe."""
+        if not self._accepting:
+            return
+        if self._need_keyframe:
+            if packet.stream != VIDEO or not packet.keyframe:
+                return
+            self._need_keyframe = False
+        try:
+            self._queue.put_nowait(packet)
+        except queue.Full:
+            self._need_keyframe = True
+            self.metrics.output_dropped_packets.labels(self.name).inc()
+
+    async def run(self) -> None:
+        """Keep a muxer process running until `close()`."""
+        first = True
+        while not self._closing:
+            if not first:
+                self.reconnects += 1
+                self.metrics.output_reconnects.labels(self.name).inc()
+                delay = self.backoff.next_delay()
+                log.info("output %s: reconnecting in %.1fs", self.name, delay)
+                await self._sleep_unless_closing(delay)
+                if self._closing:
+                    break
+            first = False
+            started = time.monotonic()
+            await self._run_once()
+            if time.monotonic() - started > STABLE_SECONDS:
+                self.backoff.reset()
+
+    async def _sleep_unless_closing(self, delay: float) -> None:
+        end = time.monotonic() + delay
+        while not self._closing and time.monotonic() < end:
+            await asyncio.sleep(min(0.1, end - time.monotonic()))
+
+    async def _run_once(self) -> None:
+        heartbeat = _CTX.Array("d", 4, lock=False)
+        packets_read, packets_write = _CTX.Pipe(duplex=False)
+        events_read, events_write = _CTX.Pipe(duplex=False)
+        process = _CTX.Process(
+            target=run_muxer,
+            args=(self.target, self.template, self.time_bases, packets_read, heartbeat, events_write),
+            name=f"muxer-{self.name}",
+            daemon=True,
+        )
+        heartbeat[BEAT] = time.monotonic()
+        process.start()
+        packets_read.close()
+        events_write.close()
+        self.process, self._heartbeat = process, heartbeat
+        self._drain_queue()
+        self._need_keyframe = True
+        self._accepting = True
+        writer = threading.Thread(target=self._write_loop, args=(packets_write,), daemon=True,
+                                  name=f"writer-{self.name}")
+        writer.start()
+        log.info("output %s: muxer pid %d -> %s", self.name, process.pid, self.shown_destination)
+        try:
+            while process.is_alive():
+                self._read_events(events_read)
+                self._sample_rate()
+                silent = time.monotonic() - heartbeat[BEAT]
+                if silent > self.watchdog_seconds:
+                    self.watchdog_kills += 1
+                    self.metrics.output_watchdog_kills.labels(self.name).inc()
+                    self.last_error = f"no progress for {silent:.1f}s; muxer killed"
+                    log.warning("output %s: %s", self.name, self.last_error)
+                    process.kill()
+                    break
+                if self._closing:
+                    await self._finish(process, packets_write)
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(process.join, 5)
+            self._read_events(events_read)
+        finally:
+            self._accepting = False
+            self._set_connected(False)
+            self._drain_queue()
+            self._queue.put_nowait(_STOP)
+            writer.join(timeout=2)
+            packets_write.close()
+            events_read.close()
+            if process.exitcode not in (0, None) and not self._closing and not self.last_error:
+                self.last_error = f"muxer exited with code {process.exitcode}"
+            if process.exitcode not in (0, None) and not self._closing:
+                log.warning("output %s: muxer stopped (%s)", self.name, self.last_error)
+
+    async def _finish(self, process, packets_write) -> None:
+        """Let the muxer write its trailer, then make sure it is gone."""
+        self._accepting = False
+        try:
+            await asyncio.to_thread(self._queue.put, _STOP, True, 5.0)
+        except queue.Full:
+            process.kill()  # stalled with a full backlog: nothing more can be written
+        await asyncio.to_thread(process.join, 10)
+        if process.is_alive():
+            log.warning("output %s: muxer did not finish in time; killed", self.name)
+            process.kill()
+
+    def _write_loop(self, conn) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    if self._closing:
+                        conn.send_bytes(CLOSE)
+                    return
+                conn.send_bytes(item.to_bytes())
+            except OSError:
+                return  # the muxer died; run() notices and restarts it
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _read_events(self, conn) -> None:
+        try:
+            while conn.poll():
+                kind, detail = conn.recv()
+                if kind == "connected":
+                    self._set_connected(True)
+                    self.last_error = ""
+                    log.info("output %s: writing to %s", self.name, self.shown_destination)
+                    if self.target.kind == "record":
+                        self.files.append(detail)
+                elif kind == "rotated":
+                    log.info("output %s: finished %s", self.name, detail)
+                elif kind == "error":
+                    self.last_error = detail
+        except (EOFError, OSError):
+            return
+
+    def _set_connected(self, value: bool) -> None:
+        self.connected = value
+        self.metrics.output_connected.labels(self.name).set(1 if value else 0)
+
+    def _sample_rate(self) -> None:
+        if self._heartbeat is not None:
+            self._rates.append((time.monotonic(), self._heartbeat[BYTES]))
+
+    @property
+    def bitrate_kbps(self) -> float:
+        """Bytes written over the last couple of seconds, as kbit/s."""
+        if len(self._rates) < 2 or not self.connected:
+            return 0.0
+        (t0, b0), (t1, b1) = self._rates[0], self._rates[-1]
+        return (b1 - b0) * 8 / 1000 / (t1 - t0) if t1 > t0 else 0.0
+
+    def status(self) -> dict:
+        """Status for /healthz and the panel."""
+        hb = self._heartbeat
+        return {
+            "kind": self.target.kind,
+            "destination": self.shown_destination,
+            "connected": self.connected,
+            "reconnects": self.reconnects,
+            "watchdog_kills": self.watchdog_kills,
+            "bitrate_kbps": round(self.bitrate_kbps, 1),
+            "packets": int(hb[PACKETS]) if hb is not None else 0,
+            "pid": self.process.pid if self.process is not None and self.process.is_alive() else None,
+            "last_error": self.last_error,
+            "heartbeat_age_s": round(time.monotonic() - hb[BEAT], 2) if hb is not None else None,
+            "alive": bool(hb is not None and hb[CONNECTED] and self.connected),
+        }
+
+    async def close(self) -> None:
+        """Ask the muxer to finish its file/stream; `run()` returns once it has."""
+        self._closing = True

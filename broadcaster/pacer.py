@@ -1,0 +1,128 @@
+"""The output clock: one frame every 1/fps, whatever the engine does.
+
+A late engine makes the pacer repeat the last frame (counted); an early one is held back
+by the bounded ring. Encoding happens on this clock and the packets fan out to every
+output without waiting for any of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from broadcaster.encoder import StreamEncoder
+from broadcaster.metrics import Metrics
+from broadcaster.packets import EncodedPacket
+from broadcaster.switches import SwitchTracker
+from engine.ring import FrameRing
+
+log = logging.getLogger(__name__)
+
+RESYNC_AFTER_S = 1.0  # further behind than this, the clock jumps instead of bursting
+
+
+def render_slate(width: int, height: int, text: str) -> np.ndarray:
+    """A dark frame with one line of text, shown before the engine's first frame."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    image = Image.new("RGB", (width, height), (12, 14, 22))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=max(10, height // 18))
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    draw.text(((width - (right - left)) / 2, (height - (bottom - top)) / 2), text, font=font,
+              fill=(200, 205, 220))
+    return np.asarray(image, np.uint8).copy()
+
+
+class Pacer:
+    """Reads the ring on a constant clock, encodes, and hands packets to the outputs."""
+
+    def __init__(
+        self,
+        ring: FrameRing,
+        encoder: StreamEncoder,
+        sinks: Sequence[Callable[[EncodedPacket], None]],
+        metrics: Metrics,
+        switches: SwitchTracker,
+        engine_fps: float,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.ring = ring
+        self.encoder = encoder
+        self.sinks = list(sinks)
+        self.metrics = metrics
+        self.switches = switches
+        self.out_fps = float(encoder.rate)
+        self.engine_fps = engine_fps
+        self.clock = clock
+        self.frame = render_slate(ring.width, ring.height, "promptcast - starting the engine...")
+        self.frames_out = 0
+        self.repeated = 0
+        self.resyncs = 0
+        self.last_tick = time.monotonic()
+        self._consumed = 0
+        self._seq = 0
+        self._stop = threading.Event()
+
+    def step(self, index: int) -> list[EncodedPacket]:
+        """Produce output frame `index`: take what the engine owes by now, encode, fan out."""
+        due = int((index + 1) * self.engine_fps / self.out_fps)
+        wanted = due - self._consumed
+        got = 0
+        for _ in range(max(0, wanted)):
+            tag = self.ring.read_into(self.frame)
+            if tag is None:
+                break
+            got += 1
+            self._seq = tag[0]
+        if wanted > 0 and got == 0:
+            self.repeated += 1
+            self.metrics.frames_repeated.inc()
+        # A late engine's debt is forgiven: catching up later would mean skipping frames.
+        self._consumed = due
+        packets = self.encoder.encode(self.frame, index)
+        self.metrics.encode_seconds.observe(self.encoder.last_encode_seconds)
+        self.switches.frame_encoded(self._seq)
+        for packet in packets:
+            for sink in self.sinks:
+                sink(packet)
+        self.frames_out += 1
+        self.metrics.frames_output.inc()
+        self.last_tick = time.monotonic()
+        return packets
+
+    def run(self) -> None:
+        """Tick until `stop()`; meant for its own thread."""
+        start = self.clock()
+        index = 0
+        while not self._stop.is_set():
+            deadline = start + index / self.out_fps
+            now = self.clock()
+            if now < deadline:
+                self._stop.wait(deadline - now)
+                continue
+            if now - deadline > RESYNC_AFTER_S:
+                self.resyncs += 1
+                log.warning("output clock %.2fs behind; resynchronised", now - deadline)
+                start = now - index / self.out_fps
+            self.step(index)
+            index += 1
+
+    def stop(self) -> None:
+        """Make `run()` return after the current frame."""
+        self._stop.set()
+
+    def status(self) -> dict:
+        """Status for /healthz."""
+        return {
+            "fps": self.out_fps,
+            "frames_out": self.frames_out,
+            "frames_repeated": self.repeated,
+            "clock_resyncs": self.resyncs,
+            "last_tick_age_s": round(time.monotonic() - self.last_tick, 3),
+            "ring_fill": len(self.ring),
+        }

@@ -1,0 +1,56 @@
+"""Encoded packets as they cross from the encoder to the muxer processes."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+VIDEO = 0
+AUDIO = 1
+
+_HEADER = struct.Struct("<BBqqq")  # stream, keyframe, pts, dts, duration
+_FLAG_KEY = 1
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedPacket:
+    """One compressed video or audio packet; timestamps in its stream's time base."""
+
+    stream: int
+    data: bytes
+    pts: int
+    dts: int
+    duration: int
+    keyframe: bool
+
+    def to_bytes(self) -> bytes:
+        """Serialise for a pipe (no pickle: the child trusts only this fixed layout)."""
+        head = _HEADER.pack(self.stream, _FLAG_KEY if self.keyframe else 0, self.pts, self.dts, self.duration)
+        return head + self.data
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> EncodedPacket:
+        """Inverse of `to_bytes`."""
+        stream, flags, pts, dts, duration = _HEADER.unpack_from(raw)
+        return cls(stream, raw[_HEADER.size :], pts, dts, duration, bool(flags & _FLAG_KEY))
+
+
+def annexb_to_avcc(data: bytes) -> bytes:
+    """Rewrite an Annex-B access unit (start codes) as length-prefixed NAL units (FLV/MP4/MKV)."""
+    out = bytearray()
+    starts: list[tuple[int, int]] = []  # (start-code offset, payload offset)
+    i, n = 0, len(data)
+    while True:
+        j = data.find(b"\x00\x00\x01", i)
+        if j < 0:
+            break
+        code_at = j - 1 if j > 0 and data[j - 1] == 0 else j
+        starts.append((code_at, j + 3))
+        i = j + 3
+    if not starts:
+        return data  # already length-prefixed
+    for k, (_, payload) in enumerate(starts):
+        end = starts[k + 1][0] if k + 1 < len(starts) else n
+        nal = data[payload:end]
+        out += len(nal).to_bytes(4, "big") + nal
+    return bytes(out)

@@ -1,0 +1,146 @@
+"""The running channel: engine supervisor, pacer, outputs and HTTP server, with their lifetimes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from broadcaster.encoder import StreamEncoder
+from broadcaster.http import make_app
+from broadcaster.metrics import Metrics
+from broadcaster.outputs.factory import build_outputs
+from broadcaster.pacer import Pacer
+from broadcaster.settings import HlsOutputSettings, Settings, output_name
+from broadcaster.supervisor import EngineSupervisor
+from broadcaster.switches import SwitchTracker
+from engine.backends import choose_backend
+from engine.ring import FrameRing
+
+log = logging.getLogger(__name__)
+
+PACER_STALL_S = 2.0
+
+
+def api_token(settings: Settings) -> str:
+    """PROMPTCAST_API_TOKEN, else a token generated once and kept in `server.token_file` (mode 600)."""
+    token = os.environ.get("PROMPTCAST_API_TOKEN", "")
+    if token:
+        return token
+    path = Path(settings.server.token_file)
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    log.info("control API token generated and stored in %s (set PROMPTCAST_API_TOKEN to choose one)", path)
+    return token
+
+
+class Service:
+    """One channel, from engine process to outputs."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None):
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.switches = SwitchTracker(self.metrics)
+        self._stop = asyncio.Event()
+        self.supervisor: EngineSupervisor | None = None
+        self.pacer: Pacer | None = None
+        self.outputs: list = []
+        self.http_port: int | None = None
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown."""
+        self._stop.set()
+
+    def health(self) -> tuple[bool, dict]:
+        """Liveness (the output clock ticks) and every part's status."""
+        pacer = self.pacer.status() if self.pacer else {}
+        ok = bool(pacer) and pacer["last_tick_age_s"] < PACER_STALL_S
+        return ok, {
+            "channel": self.settings.channel,
+            "pacer": pacer,
+            "engine": self.supervisor.status() if self.supervisor else {},
+            "outputs": {o.name: o.status() for o in self.outputs},
+        }
+
+    def state(self) -> dict:
+        """What is on air, for the control API."""
+        sup = self.supervisor
+        return {
+            "channel": self.settings.channel,
+            "prompt_on_air": self.switches.on_air_prompt,
+            "prompt_on_air_seq": self.switches.on_air_seq,
+            "prompt_requested": sup.prompt if sup else None,
+            "prompt_requested_seq": sup.prompt_seq if sup else None,
+            "last_switch_latency_s": self.switches.last_latency,
+            "engine": sup.status() if sup else {},
+        }
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT or `request_stop()`, then shut down cleanly."""
+        s = self.settings
+        backend, reason = choose_backend(s.engine)
+        log.info("engine backend: %s (%s)", backend, reason)
+        width, height = s.output_size
+        encoder = StreamEncoder(s.encoder, width, height, s.output_fps)
+        ring = FrameRing.create(s.engine.width, s.engine.height, s.engine.ring_frames)
+        runner: web.AppRunner | None = None
+        try:
+            self.outputs = build_outputs(s, encoder, self.metrics)
+            self.supervisor = EngineSupervisor(s.engine, backend, ring, self.metrics, self.switches)
+            self.pacer = Pacer(ring, encoder, [o.submit for o in self.outputs], self.metrics, self.switches,
+                               s.engine.fps)
+            hls = next((o for o in s.outputs if isinstance(o, HlsOutputSettings)), None)
+            app = make_app(metrics=self.metrics, health=self.health, state=self.state,
+                           switch_prompt=self.supervisor.switch_prompt, api_token=api_token(s),
+                           hls_dir=hls.dir if hls else None)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, s.server.host, s.server.port)
+            await site.start()
+            self.http_port = runner.addresses[0][1]
+            log.info("channel %s: http://%s:%d/ (health /healthz, metrics /metrics); outputs: %s",
+                     s.channel, s.server.host, self.http_port,
+                     ", ".join(f"{output_name(o, i)}" for i, o in enumerate(s.outputs)) or "none")
+            self._install_signal_handlers()
+            await self._run_parts()
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            encoder.close()
+            ring.close()
+            log.info("channel %s stopped", s.channel)
+
+    async def _run_parts(self) -> None:
+        assert self.pacer and self.supervisor
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.supervisor.run(), name="engine-supervisor")
+            for output in self.outputs:
+                group.create_task(output.run(), name=f"output-{output.name}")
+            pacer_done = group.create_task(asyncio.to_thread(self.pacer.run), name="pacer")
+            try:
+                await self._stop.wait()
+                log.info("shutting down: stopping the clock, closing outputs")
+            finally:
+                # Order matters: no new packets, then let every muxer write its trailer.
+                self.pacer.stop()
+                await asyncio.shield(pacer_done)
+                for output in self.outputs:
+                    await output.close()
+                await self.supervisor.close()
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.request_stop)
+            except (NotImplementedError, RuntimeError):
+                pass  # not the main thread (tests drive stop themselves)

@@ -1,0 +1,315 @@
+"""The channel's YAML schema, composed from each package's settings, and its loader.
+
+Errors are collected, never thrown one at a time: `load_settings` raises `ConfigError`
+holding every problem with its location (`outputs[1].url: ...`) and, where the YAML
+has it, the line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from chat.settings import ChatSettings, StoreSettings
+from engine.settings import EngineSettings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EncoderSettings(_Strict):
+    """The one shared encode: H.264 video with broadcast settings plus AAC audio."""
+
+    fps: float | None = Field(None, gt=0, le=120, description="output fps; default the engine's")
+    width: int | None = Field(None, ge=16, le=4096, description="output width; default the engine's")
+    height: int | None = Field(None, ge=16, le=4096, description="output height; default the engine's")
+    video_bitrate_kbps: int = Field(3000, ge=100, le=50000)
+    keyframe_seconds: float = Field(2.0, gt=0, le=10)
+    codec: Literal["auto", "libx264", "h264_nvenc"] = "auto"
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium"] = "veryfast"
+    profile: Literal["main", "baseline"] = "main"
+    threads: int = Field(0, ge=0, le=64, description="x264 threads; 0 = automatic")
+    audio: str = Field("silent", description="'silent' or the path of an audio file played in a loop")
+    audio_bitrate_kbps: int = Field(128, ge=32, le=512)
+
+    @model_validator(mode="after")
+    def _even_size(self) -> EncoderSettings:
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and value % 2:
+                raise ValueError(f"{name} must be even (H.264 4:2:0), got {value}")
+        if (self.width is None) != (self.height is None):
+            raise ValueError("set both width and height, or neither")
+        return self
+
+
+def _check_url(url: str, schemes: tuple[str, ...]) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        got = f"'{parts.scheme}'" if parts.scheme else "none"
+        raise ValueError(f"URL scheme must be one of {', '.join(schemes)} (got {got})")
+    if not parts.hostname:
+        raise ValueError("URL has no host")
+    return url
+
+
+class _OutputBase(_Strict):
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,40}$", description="label in metrics and logs; default kind-N"
+    )
+
+
+class RtmpOutputSettings(_OutputBase):
+    """Push to an RTMP(S) ingest (Twitch, YouTube, a local nginx-rtmp)."""
+
+    kind: Literal["rtmp"]
+    url: str
+    watchdog_seconds: float = Field(10.0, gt=0, description="no progress this long -> kill the muxer")
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, url: str) -> str:
+        return _check_url(url, ("rtmp", "rtmps"))
+
+
+class HlsOutputSettings(_OutputBase):
+    """HLS playlist + segments on disk (and served at /hls/ by the HTTP server)."""
+
+    kind: Literal["hls"]
+    dir: Path = Path("./out/hls")
+    segment_seconds: float = Field(2.0, gt=0, le=60, description="rounded to whole keyframe intervals")
+    list_size: int = Field(6, ge=2, le=100)
+
+
+class RecordOutputSettings(_OutputBase):
+    """A recording rotated by duration."""
+
+    kind: Literal["record"]
+    dir: Path = Path("./out/rec")
+    segment_minutes: float = Field(60.0, gt=0, description="a new file starts at the first keyframe after")
+    format: Literal["mp4", "mkv"] = "mp4"
+
+
+OutputSettings = Annotated[
+    RtmpOutputSettings | HlsOutputSettings | RecordOutputSettings, Field(discriminator="kind")
+]
+
+
+class ServerSettings(_Strict):
+    """The HTTP server: health, metrics, control API and pages."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    token_file: Path = Field(
+        Path("./out/api-token"),
+        description="where a generated control-API token is kept when PROMPTCAST_API_TOKEN is unset",
+    )
+
+
+class ScheduleSettings(_Strict):
+    """The programme and autopilot; its fields arrive with the scheduler."""
+
+
+class Settings(_Strict):
+    """One channel: the whole YAML file."""
+
+    channel: str = Field("demo", pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+    outputs: list[OutputSettings] = Field(
+        default_factory=lambda: [HlsOutputSettings(kind="hls"), RecordOutputSettings(kind="record")]
+    )
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    chat: ChatSettings = Field(default_factory=ChatSettings)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
+
+    @model_validator(mode="after")
+    def _unique_output_names(self) -> Settings:
+        seen: set[str] = set()
+        for index, output in enumerate(self.outputs):
+            name = output_name(output, index)
+            if name in seen:
+                raise ValueError(f"outputs[{index}]: duplicate output name '{name}'")
+            seen.add(name)
+        return self
+
+    @property
+    def output_fps(self) -> float:
+        """The fps the encoder runs at."""
+        return self.encoder.fps or self.engine.fps
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """The (width, height) the encoder runs at."""
+        if self.encoder.width and self.encoder.height:
+            return self.encoder.width, self.encoder.height
+        return self.engine.width, self.engine.height
+
+
+def output_name(output: OutputSettings, index: int) -> str:
+    """The output's label: its `name`, else `kind-index`."""
+    return output.name or f"{output.kind}-{index}"
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One located error in a config file."""
+
+    location: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line else ""
+        return f"{where}{self.location or '(top level)'}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; carries every problem found."""
+
+    def __init__(self, source: str, problems: list[ConfigProblem]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(str(p) for p in problems))
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _format_loc(parts: tuple[Any, ...]) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _expand_env(node: Any, path: tuple[Any, ...], env: dict[str, str], problems: list) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string; a missing variable is a problem."""
+    if isinstance(node, dict):
+        return {k: _expand_env(v, (*path, k), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, (*path, i), env, problems) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append((path, f"environment variable {name} is not set"))
+        return ""
+
+    return _ENV_REF.sub(substitute, node)
+
+
+def _line_index(text: str) -> dict[tuple[Any, ...], int]:
+    """Map each YAML path to its 1-based line, so errors can point into the file."""
+    index: dict[tuple[Any, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[Any, ...]) -> None:
+        index[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    index[(*path, key.value)] = key.start_mark.line + 1
+                    walk(value, (*path, key.value))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, i))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return index
+    if root is not None:
+        walk(root, ())
+    return index
+
+
+def _pydantic_path(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    """Drop the union tags pydantic puts in locations (`outputs.1.rtmp.url` -> `outputs[1].url`)."""
+    path: list[Any] = []
+    node = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and part not in node and not last and isinstance(part, str):
+            continue  # a discriminator tag, or a model-level validator marker
+        path.append(part)
+        node = node.get(part) if isinstance(node, dict) else (
+            node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None
+        )
+    return tuple(path)
+
+
+def _clean_message(error: dict) -> str:
+    message = error["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "union_tag_invalid":
+        ctx = error.get("ctx", {})
+        return f"unknown kind {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+    if error["type"] == "missing":
+        return "required field is missing"
+    return message
+
+
+def parse_settings(text: str, source: str = "<config>", env: dict[str, str] | None = None) -> Settings:
+    """Validate YAML text into Settings, raising ConfigError with every located problem."""
+    env = dict(os.environ) if env is None else env
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise ConfigError(source, [ConfigProblem("", f"not valid YAML: {exc}", line)]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [ConfigProblem("", "the top level must be a mapping of sections", 1)])
+    lines = _line_index(text)
+    env_problems: list[tuple[tuple[Any, ...], str]] = []
+    data = _expand_env(data, (), env, env_problems)
+    problems = [ConfigProblem(_format_loc(p), m, lines.get(p)) for p, m in env_problems]
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            path = _pydantic_path(tuple(error["loc"]), data)
+            located = [p for p in env_problems if p[0] == path]
+            if located:
+                continue  # already reported as a missing variable
+            line = lines.get(path) or lines.get(path[:-1])
+            problems.append(ConfigProblem(_format_loc(path), _clean_message(error), line))
+        raise ConfigError(source, problems) from None
+    if problems:
+        raise ConfigError(source, problems)
+    return settings
+
+
+def load_settings(path: str | Path | None, env: dict[str, str] | None = None) -> Settings:
+    """Load a channel file; `None` gives the embedded default (config/demo.yaml)."""
+    if path is None:
+        return Settings()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigProblem("", f"cannot read file: {exc.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), [ConfigProblem("", "file is not UTF-8 text")]) from None
+    return parse_settings(text, str(path), env)

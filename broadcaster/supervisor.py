@@ -1,0 +1,188 @@
+"""Keeps the engine process alive: start, watch its heartbeat, restart with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import time
+from collections import deque
+
+from broadcaster.backoff import Backoff
+from broadcaster.metrics import Metrics
+from broadcaster.switches import SwitchTracker
+from engine.process import EngineSpec, run_engine
+from engine.ring import FrameRing
+from engine.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+_CTX = mp.get_context("spawn")  # never fork a process that may hold CUDA
+STABLE_SECONDS = 60.0
+
+
+class EngineSupervisor:
+    """Runs one engine process at a time and replaces it when it dies or hangs."""
+
+    def __init__(self, settings: EngineSettings, backend: str, ring: FrameRing, metrics: Metrics,
+                 switches: SwitchTracker):
+        self.settings = settings
+        self.backend = backend
+        self.ring = ring
+        self.metrics = metrics
+        self.switches = switches
+        self.prompt = settings.prompt
+        self.prompt_seq = 0
+        self.seed = settings.seed
+        self.block = 0
+        self.state = "starting"
+        self.restarts = 0
+        self.last_error = ""
+        self.process: mp.process.BaseProcess | None = None
+        self._control = None
+        self._closing = False
+        self._backoff = Backoff(0.5, settings.max_restart_backoff_s)
+        self._blocks: deque[tuple[float, int]] = deque(maxlen=32)
+        switches.decided(0, self.prompt)
+
+    def switch_prompt(self, prompt: str) -> int:
+        """Decide a switch now; the engine applies it at its next block. Returns its sequence number."""
+        self.prompt_seq += 1
+        self.prompt = prompt
+        self.switches.decided(self.prompt_seq, prompt)
+        self._send(("switch", self.prompt_seq, prompt))
+        log.info("prompt switch #%d decided", self.prompt_seq)
+        return self.prompt_seq
+
+    def _send(self, message) -> None:
+        if self._control is not None:
+            try:
+                self._control.send(message)
+            except OSError:
+                pass  # the engine is gone; its successor starts with the current prompt
+
+    async def run(self) -> None:
+        """Run engines until `close()`."""
+        while not self._closing:
+            started = time.monotonic()
+            reason = await self._run_once()
+            if self._closing:
+                break
+            self.restarts += 1
+            self.metrics.engine_restarts.labels(reason).inc()
+            if time.monotonic() - started > STABLE_SECONDS:
+                self._backoff.reset()
+            delay = self._backoff.next_delay()
+            self.state = "restarting"
+            log.warning("engine %s (%s); restart #%d in %.1fs", reason, self.last_error or "no detail",
+                        self.restarts, delay)
+            end = time.monotonic() + delay
+            while not self._closing and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+
+    async def _run_once(self) -> str:
+        control_read, control_write = _CTX.Pipe(duplex=False)
+        events_read, events_write = _CTX.Pipe(duplex=False)
+        spec = EngineSpec(self.backend, self.settings, self.ring.name, self.prompt, self.prompt_seq,
+                          self.seed, self.block)
+        process = _CTX.Process(target=run_engine, args=(spec, control_read, events_write),
+                               name="engine", daemon=True)
+        process.start()
+        control_read.close()
+        events_write.close()
+        self.process, self._control = process, control_write
+        self.state = "loading"
+        ready = False
+        started = time.monotonic()
+        reason = "stopped"
+        try:
+            while True:
+                ready = self._read_events(events_read) or ready
+                if not process.is_alive():
+                    reason = "crashed"
+                    self._read_events(events_read)
+                    if not self.last_error:
+                        self.last_error = f"exit code {process.exitcode}"
+                    break
+                if self._closing:
+                    await self._stop(process)
+                    break
+                if ready and self.ring.heartbeat_age() > self.settings.heartbeat_timeout_s:
+                    reason = "hung"
+                    self.last_error = f"no heartbeat for {self.ring.heartbeat_age():.1f}s"
+                    process.kill()
+                    break
+                if not ready and time.monotonic() - started > self.settings.startup_timeout_s:
+                    reason = "hung"
+                    self.last_error = f"not ready after {self.settings.startup_timeout_s:.0f}s"
+                    process.kill()
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(process.join, 5)
+        finally:
+            self._control = None
+            self.metrics.engine_up.set(0)
+            control_write.close()
+            events_read.close()
+        return reason
+
+    async def _stop(self, process) -> None:
+        self._send(("stop",))
+        await asyncio.to_thread(process.join, 5)
+        if process.is_alive():
+            process.kill()
+
+    def _read_events(self, conn) -> bool:
+        ready = False
+        try:
+            while conn.poll():
+                event = conn.recv()
+                kind = event[0]
+                if kind == "ready":
+                    ready = True
+                    self.state = "running"
+                    self.last_error = ""
+                    self.metrics.engine_up.set(1)
+                    log.info("engine ready: %s pid %d", event[1]["backend"], event[1]["pid"])
+                elif kind == "block":
+                    self.block = event[1]
+                    self.metrics.frames_generated.inc(event[2])
+                    self._blocks.append((time.monotonic(), event[2]))
+                    self.metrics.generation_fps.set(self.generation_fps)
+                elif kind == "applied":
+                    log.info("prompt switch #%d applied at block %d", event[1], event[2])
+                elif kind == "error":
+                    self.last_error = event[1]
+                    log.error("engine failed: %s\n%s", event[1], event[2])
+        except (EOFError, OSError):
+            pass
+        return ready
+
+    @property
+    def generation_fps(self) -> float:
+        """Frames per second the engine delivered over its last blocks."""
+        if len(self._blocks) < 2:
+            return 0.0
+        span = self._blocks[-1][0] - self._blocks[0][0]
+        frames = sum(n for _, n in list(self._blocks)[1:])
+        return frames / span if span > 0 else 0.0
+
+    def status(self) -> dict:
+        """Status for /healthz."""
+        alive = self.process is not None and self.process.is_alive()
+        return {
+            "backend": self.backend,
+            "state": self.state,
+            "pid": self.process.pid if alive else None,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "block": self.block,
+            "prompt": self.prompt,
+            "prompt_seq": self.prompt_seq,
+            "generation_fps": round(self.generation_fps, 2),
+            "heartbeat_age_s": round(self.ring.heartbeat_age(), 2) if alive else None,
+        }
+
+    async def close(self) -> None:
+        """Stop the engine; `run()` returns."""
+        self._closing = True

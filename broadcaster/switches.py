@@ -1,0 +1,41 @@
+"""Prompt-switch bookkeeping: sequence numbers and the decision -> on-air latency."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from broadcaster.metrics import Metrics
+
+
+class SwitchTracker:
+    """Remembers when each switch was decided and observes its latency once its first frame is encoded."""
+
+    def __init__(self, metrics: Metrics, clock=time.monotonic):
+        self.metrics = metrics
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._decided: dict[int, tuple[float, str]] = {}
+        self.on_air_seq = 0
+        self.on_air_prompt = ""
+        self.last_latency: float | None = None
+
+    def decided(self, seq: int, prompt: str) -> None:
+        """A switch to `prompt` with number `seq` was decided now."""
+        with self._lock:
+            self._decided[seq] = (self.clock(), prompt)
+
+    def frame_encoded(self, seq: int) -> None:
+        """A frame generated under switch `seq` just left the encoder."""
+        if seq <= self.on_air_seq:
+            return
+        with self._lock:
+            now = self.clock()
+            for done in sorted(s for s in self._decided if s <= seq):
+                decided_at, prompt = self._decided.pop(done)
+                if done == seq:  # superseded switches never reached the air
+                    self.last_latency = now - decided_at
+                    self.metrics.switch_latency.observe(self.last_latency)
+                    self.metrics.prompt_switches.inc()
+                    self.on_air_prompt = prompt
+            self.on_air_seq = seq

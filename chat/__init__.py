@@ -1,0 +1,1 @@
+"""Steering: chat sources, commands, moderation, votes and the prompt queue."""

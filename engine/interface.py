@@ -1,0 +1,33 @@
+"""The engine interface every backend implements (product.md, "Engine interface")."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A streaming generator of RGB frames, steered by text prompts at block boundaries.
+
+    Call order: `start(prompt, seed)`, then `next_block()` repeatedly. `switch_prompt`
+    may be called between blocks; it takes effect in the very next block and never
+    inside one. `reset()` forgets everything; `start` must be called again.
+    """
+
+    width: int
+    height: int
+    fps: float
+
+    def start(self, prompt: str, seed: int) -> None:
+        """Begin a new stream following `prompt`, deterministic for `seed`."""
+
+    def next_block(self) -> np.ndarray:
+        """Generate the next block: uint8 RGB frames shaped [T, height, width, 3]."""
+
+    def switch_prompt(self, prompt: str) -> None:
+        """Follow `prompt` from the next block on, without a cut."""
+
+    def reset(self) -> None:
+        """Drop all stream state; `start` must be called before the next block."""

@@ -1,0 +1,105 @@
+"""The engine process: runs a backend's block loop and writes frames into the shared ring.
+
+Spawned (never forked: CUDA). Prompt switches arrive on a pipe and are applied only
+between blocks, which is where the engine interface allows them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from engine.backends import create_engine
+from engine.ring import WRITER_PID, FrameRing
+from engine.settings import EngineSettings
+
+log = logging.getLogger("engine")
+
+EXIT_FAILED = 4
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything a fresh engine process needs to pick the stream up."""
+
+    backend: str
+    settings: EngineSettings
+    ring_name: str
+    prompt: str
+    prompt_seq: int
+    seed: int
+    first_block: int = 0
+
+
+class _Control:
+    """Non-blocking reader of the supervisor's messages."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.stop = False
+        self.pending: tuple[int, str] | None = None
+
+    def poll(self) -> None:
+        try:
+            while self.conn.poll():
+                message = self.conn.recv()
+                if message[0] == "stop":
+                    self.stop = True
+                elif message[0] == "switch":
+                    self.pending = (message[1], message[2])  # only the latest switch matters
+        except (EOFError, OSError):
+            self.stop = True  # the supervisor is gone
+
+
+def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -> None:
+    """Process entry point."""
+    # Group-wide SIGINT/SIGTERM are for the broadcaster; it stops the engine over the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s engine %(levelname)s %(message)s")
+    ring = FrameRing.attach(spec.ring_name)
+    ring.header[WRITER_PID] = os.getpid()
+    ring.beat()
+    control = _Control(control_conn)
+    try:
+        engine = create_engine(spec.backend, spec.settings)
+        engine.start(spec.prompt, spec.seed)
+        events.send(("ready", {"backend": spec.backend, "pid": os.getpid(), "fps": engine.fps,
+                               "width": engine.width, "height": engine.height}))
+        prompt_seq, block = spec.prompt_seq, spec.first_block
+        while True:
+            control.poll()
+            if control.stop:
+                break
+            if control.pending is not None:
+                prompt_seq, prompt = control.pending
+                control.pending = None
+                engine.switch_prompt(prompt)
+                events.send(("applied", prompt_seq, block, time.monotonic()))
+            frames = engine.next_block()
+            ring.beat()
+            for frame in frames:
+                if not ring.write(frame, prompt_seq, block, should_stop=lambda: _stopping(control)):
+                    break
+            block += 1
+            events.send(("block", block, len(frames)))
+    except Exception as exc:  # reported to the supervisor, which restarts the process
+        try:
+            events.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        except OSError:
+            pass
+        ring.close()
+        os._exit(EXIT_FAILED)
+    ring.close()
+
+
+def _stopping(control: _Control) -> bool:
+    control.poll()
+    return control.stop

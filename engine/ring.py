@@ -1,0 +1,110 @@
+"""A single-producer, single-consumer ring of RGB frames in shared memory.
+
+The engine process writes, the broadcaster reads. Sequence counters (not locks) order
+them: a slot becomes visible only after its pixels are written, so an engine killed
+mid-write leaves nothing half-drawn behind, and a restarted engine attaches to the same
+ring and carries on. A full ring makes the writer wait: that is what holds an early
+engine back and keeps latency bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from multiprocessing import shared_memory
+
+import numpy as np
+
+# Header slots (int64).
+WRITE, READ, HEARTBEAT_NS, WIDTH, HEIGHT, DEPTH, WRITER_PID, GENERATION = range(8)
+_HEADER = 8
+_META = 2  # per slot: prompt sequence number, block index
+
+
+class FrameRing:
+    """Shared frames [depth, height, width, 3] uint8 with per-frame (prompt_seq, block) tags."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, owner: bool):
+        self._shm = shm
+        self._owner = owner
+        header = np.ndarray((_HEADER,), np.int64, shm.buf, 0)
+        depth, height, width = int(header[DEPTH]), int(header[HEIGHT]), int(header[WIDTH])
+        self.depth, self.height, self.width = depth, height, width
+        self.header = header
+        offset = _HEADER * 8
+        self.meta = np.ndarray((depth, _META), np.int64, shm.buf, offset)
+        offset += depth * _META * 8
+        self.frames = np.ndarray((depth, height, width, 3), np.uint8, shm.buf, offset)
+
+    @classmethod
+    def create(cls, width: int, height: int, depth: int) -> FrameRing:
+        """Allocate a new ring (the broadcaster owns it)."""
+        size = _HEADER * 8 + depth * _META * 8 + depth * height * width * 3
+        shm = shared_memory.SharedMemory(create=True, size=size)
+        header = np.ndarray((_HEADER,), np.int64, shm.buf, 0)
+        header[:] = 0
+        header[WIDTH], header[HEIGHT], header[DEPTH] = width, height, depth
+        del header
+        return cls(shm, owner=True)
+
+    @classmethod
+    def attach(cls, name: str) -> FrameRing:
+        """Open a ring another process created."""
+        # A spawned child shares the parent's resource tracker, so attaching here never
+        # unlinks the broadcaster's memory when the engine exits (or is killed).
+        return cls(shared_memory.SharedMemory(name=name), owner=False)
+
+    @property
+    def name(self) -> str:
+        """The shared-memory name to attach with."""
+        return self._shm.name
+
+    def __len__(self) -> int:
+        return int(self.header[WRITE] - self.header[READ])
+
+    def beat(self) -> None:
+        """Writer's liveness signal (CLOCK_MONOTONIC is shared by all processes)."""
+        self.header[HEARTBEAT_NS] = time.monotonic_ns()
+
+    def heartbeat_age(self) -> float:
+        """Seconds since the writer last beat."""
+        return (time.monotonic_ns() - int(self.header[HEARTBEAT_NS])) / 1e9
+
+    def try_write(self, frame: np.ndarray, prompt_seq: int, block: int) -> bool:
+        """Copy one frame in if a slot is free; False when the ring is full."""
+        write = int(self.header[WRITE])
+        if write - int(self.header[READ]) >= self.depth:
+            return False
+        slot = write % self.depth
+        self.frames[slot] = frame
+        self.meta[slot] = (prompt_seq, block)
+        self.header[WRITE] = write + 1  # publish only after the pixels are in
+        return True
+
+    def write(self, frame: np.ndarray, prompt_seq: int, block: int, should_stop=lambda: False,
+              poll_s: float = 0.002) -> bool:
+        """Write one frame, waiting (and beating) while the ring is full; False if told to stop."""
+        while not self.try_write(frame, prompt_seq, block):
+            self.beat()
+            if should_stop():
+                return False
+            time.sleep(poll_s)
+        self.beat()
+        return True
+
+    def read_into(self, out: np.ndarray) -> tuple[int, int] | None:
+        """Copy the oldest unread frame into `out`; returns its (prompt_seq, block) or None if empty."""
+        read = int(self.header[READ])
+        if read >= int(self.header[WRITE]):
+            return None
+        slot = read % self.depth
+        np.copyto(out, self.frames[slot])
+        tag = (int(self.meta[slot, 0]), int(self.meta[slot, 1]))
+        self.header[READ] = read + 1
+        return tag
+
+    def close(self) -> None:
+        """Detach; the owner also frees the memory."""
+        del self.header, self.meta, self.frames
+        self._shm.close()
+        if self._owner:
+            self._shm.unlink()

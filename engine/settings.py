@@ -1,0 +1,43 @@
+"""Settings of the engine section (`engine:` in the channel YAML)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EngineSettings(BaseModel):
+    """Which backend generates the video, at what size and rate, and how it is supervised."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["auto", "preview", "longlive"] = "auto"
+    width: int = Field(832, ge=16, le=4096, description="generated frame width in pixels (even)")
+    height: int = Field(480, ge=16, le=4096, description="generated frame height in pixels (even)")
+    fps: float = Field(16.0, gt=0, le=120, description="the engine's native frame rate")
+    seed: int = Field(0, ge=0)
+    weights_dir: Path = Path("./weights")
+    prompt: str = Field(
+        "a calm ocean at sunset, gentle waves, cinematic",
+        max_length=2000,
+        description="the prompt the stream starts with",
+    )
+    ring_frames: int = Field(
+        12, ge=2, le=240, description="depth of the shared-memory frame ring (about one block)"
+    )
+    heartbeat_timeout_s: float = Field(
+        10.0, gt=0, description="an engine silent this long after its first block is restarted"
+    )
+    startup_timeout_s: float = Field(
+        120.0, gt=0, description="time an engine may take to load and make its first block"
+    )
+    max_restart_backoff_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _even_size(self) -> EngineSettings:
+        for name in ("width", "height"):
+            if getattr(self, name) % 2:
+                raise ValueError(f"{name} must be even (H.264 4:2:0), got {getattr(self, name)}")
+        return self
