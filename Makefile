@@ -25,7 +25,6 @@ system-packages-test:
 
 $(VENV)/.created: | system-packages
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	touch $@
 

@@ -16,7 +16,7 @@ class SwitchTracker:
         self.clock = clock
         self._lock = threading.Lock()
         self._decided: dict[int, tuple[float, str]] = {}
-        self.on_air_seq = 0
+        self.on_air_seq = -1  # 0 is the prompt the stream starts with
         self.on_air_prompt = ""
         self.last_latency: float | None = None
 
@@ -33,9 +33,11 @@ class SwitchTracker:
             now = self.clock()
             for done in sorted(s for s in self._decided if s <= seq):
                 decided_at, prompt = self._decided.pop(done)
-                if done == seq:  # superseded switches never reached the air
+                if done != seq:
+                    continue  # superseded before it reached the air
+                self.on_air_prompt = prompt
+                if seq > 0:
                     self.last_latency = now - decided_at
                     self.metrics.switch_latency.observe(self.last_latency)
                     self.metrics.prompt_switches.inc()
-                    self.on_air_prompt = prompt
             self.on_air_seq = seq

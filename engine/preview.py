@@ -288,12 +288,13 @@ class _Caption:
             alpha[ys, xs] = alpha[ys, xs] * keep + layer.alpha
         return _Caption(premul, alpha, top, left)
 
-    def composite(self, frame: np.ndarray, w: float = 1.0) -> None:
+    def composite(self, frame: np.ndarray, scratch: np.ndarray, w: float = 1.0) -> None:
         """Draw this layer, its opacity scaled by w, onto a contiguous uint8 [H, W, 3] frame in place."""
         h, wd = self.alpha.shape[:2]
         rows = frame.reshape(frame.shape[0], -1)
         region = rows[self.top : self.top + h, 3 * self.left : 3 * (self.left + wd)]
-        out = np.multiply(region, self.keep)
+        out = scratch[: h * wd * 3].reshape(h, wd * 3)
+        np.multiply(region, self.keep, out=out)
         out += self.premul_round
         if w < 1.0:
             # Fading is a lerp from the bare frame to the fully captioned one, which needs no copy of
@@ -383,6 +384,10 @@ class PreviewEngine:
         self._colw = np.repeat(colw, 3).astype(np.float32)
         # Coarse rows after the horizontal pass, padded with a copy of the edge row at each end.
         self._rows = np.empty((self._lh + 2, width * 3), np.float32)
+        self._step = np.empty((self._lh + 1, width * 3), np.float32)
+        self._tmp = np.empty((self._lh, width * 3), np.float32)
+        self._work = [np.empty((self._lh, self._lw), np.float32) for _ in range(4)]
+        self._scratch = np.empty(0, np.float32)  # caption compositing; grown to the largest caption
         self._row_phases = []
         for k in range(_DOWNSCALE):
             offset = (k + 0.5) / _DOWNSCALE - 0.5
@@ -494,35 +499,43 @@ class PreviewEngine:
         self._field(look, n / self.fps, out)
         if w >= 1.0:
             if self._to_caption is not None:
-                self._to_caption.composite(out)
+                self._to_caption.composite(out, self._scratch)
             return
         if self._from_caption is not None:
-            self._from_caption.composite(out, 1.0 - w)
+            self._from_caption.composite(out, self._scratch, 1.0 - w)
         if self._to_caption is not None:
-            self._to_caption.composite(out, w)
+            self._to_caption.composite(out, self._scratch, w)
 
     def _field(self, look: _Look, t: float, out: np.ndarray) -> None:
         """The coloured field of `look` at time t, upscaled into out."""
         # Phases are reduced in float64 so hours into a stream float32 still resolves the motion.
-        p = [np.float32(v) for v in (look.omega * t + look.phase) % _TAU]
+        p1, p2, p3 = (np.float32(v) for v in (look.omega * t + look.phase) % _TAU)
         (k1x, k1y), (k2x, k2y) = (map(np.float32, row) for row in look.waves)
-        xs, ys = self._xs, self._ys
-        wave2 = np.sin(np.add.outer(k2y * ys, k2x * xs + p[1]))
-        arg = np.add.outer(k1y * ys, k1x * xs + p[0])
-        arg += np.float32(look.warp) * wave2
-        wave1 = np.sin(arg, out=arg)
         cx, cy = (np.float32(v) for v in look.centre)
-        r = np.sqrt(np.add.outer((ys - cy) ** 2, (xs - cx) ** 2))
-        r *= np.float32(look.ripple)
-        r += p[2]
-        r += np.float32(0.7) * wave1
-        ripple = np.sin(r, out=r)
+        xs, ys = self._xs, self._ys
+        # All work goes to preallocated buffers: fresh multi-MB temporaries page-fault every frame,
+        # which on a small VM costs more than the arithmetic.
+        wave2, wave1, ripple, tmp = self._work
+        np.add.outer(k2y * ys, k2x * xs + p2, out=wave2)
+        np.sin(wave2, out=wave2)
+        np.add.outer(k1y * ys, k1x * xs + p1, out=wave1)
+        np.multiply(wave2, np.float32(look.warp), out=tmp)
+        wave1 += tmp
+        np.sin(wave1, out=wave1)
+        np.add.outer((ys - cy) ** 2, (xs - cx) ** 2, out=ripple)
+        np.sqrt(ripple, out=ripple)
+        ripple *= np.float32(look.ripple)
+        ripple += p3
+        np.multiply(wave1, np.float32(0.7), out=tmp)
+        ripple += tmp
+        np.sin(ripple, out=ripple)
         # u in -1..1 walks the palette dark -> mid -> bright; shade adds relief and a vignette.
         u = wave1
         u *= np.float32(0.55)
         ripple *= np.float32(0.45)
         u += ripple
-        lo = np.clip(u + np.float32(1.0), 0.0, 1.0)
+        lo = np.add(u, np.float32(1.0), out=ripple)
+        np.clip(lo, 0.0, 1.0, out=lo)
         hi = np.clip(u, 0.0, 1.0, out=u)
         shade = wave2
         shade *= np.float32(0.12)
@@ -534,30 +547,32 @@ class PreviewEngine:
         c0, c1, c2 = look.palette.astype(np.float32)
         # One channel at a time: scalar-times-plane loops vectorise; [h, w, 1] x [3] broadcasts do not.
         for c in range(3):
-            ch = lo * (c1[c] - c0[c])
-            ch += hi * (c2[c] - c1[c])
-            ch += shade * c0[c]
-            ch += np.float32(0.5)  # interpolation keeps the offset, so the final uint8 cast rounds
-            small[..., c] = ch
+            np.multiply(lo, c1[c] - c0[c], out=tmp)
+            small[..., c] = tmp
+            np.multiply(hi, c2[c] - c1[c], out=tmp)
+            small[..., c] += tmp
+            np.multiply(shade, c0[c], out=tmp)
+            tmp += np.float32(0.5)  # interpolation keeps the offset, so the final uint8 cast rounds
+            small[..., c] += tmp
         self._upscale(small, out)
 
     def _upscale(self, small: np.ndarray, out: np.ndarray) -> None:
         """Bilinear upscale of the coarse float32 image into the uint8 frame (pixel centres aligned)."""
         # Rows first: gather both neighbours of every output byte, so the loops run over whole rows.
+        # (mode="clip" lets take write into `out` without an intermediate copy.)
         flat = small.reshape(self._lh, self._lw * 3)
-        rows = self._rows
+        rows, step, tmp = self._rows, self._step, self._tmp
         inner = rows[1:-1]
-        np.take(flat, self._col0, axis=1, out=inner)
-        right = np.take(flat, self._col1, axis=1)
-        right -= inner
-        right *= self._colw
-        inner += right
+        np.take(flat, self._col0, axis=1, out=inner, mode="clip")
+        np.take(flat, self._col1, axis=1, out=tmp, mode="clip")
+        tmp -= inner
+        tmp *= self._colw
+        inner += tmp
         rows[0], rows[-1] = rows[1], rows[-2]  # edge rows repeat, as the columns' do
         # Then columns: every f-th output row sits at the same fraction between two coarse rows, so each
         # phase is one multiply-add over the coarse image, written straight into the frame's rows.
-        step = np.subtract(rows[1:], rows[:-1])
+        np.subtract(rows[1:], rows[:-1], out=step)
         frame = out.reshape(self.height, self.width * 3)
-        tmp = np.empty_like(inner)
         for k, (base, w) in enumerate(self._row_phases):
             dst = frame[k::_DOWNSCALE]
             np.multiply(step[base : base + self._lh], w, out=tmp)
