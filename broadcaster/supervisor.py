@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing as mp
 import time
@@ -56,10 +57,9 @@ class EngineSupervisor:
 
     def _send(self, message) -> None:
         if self._control is not None:
-            try:
+            # If the engine is gone, its successor starts with the current prompt anyway.
+            with contextlib.suppress(OSError):
                 self._control.send(message)
-            except OSError:
-                pass  # the engine is gone; its successor starts with the current prompt
 
     async def run(self) -> None:
         """Run engines until `close()`."""

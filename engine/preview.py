@@ -89,11 +89,10 @@ _COLOUR_WORDS: dict[str, tuple[tuple[int, int, int], ...]] = {
 }
 # Motion words: a prompt with more of one kind than the other moves slower or faster.
 _CALM_WORDS = frozenset(
-    "calm slow still gentle quiet serene peaceful drift drifting lazy sleepy soft tranquil meditative".split()
+    ["calm", "slow", "still", "gentle", "quiet", "serene", "peaceful", "drift", "drifting", "lazy", "sleepy", "soft", "tranquil", "meditative"]
 )
 _FAST_WORDS = frozenset(
-    "fast storm stormy chaos chaotic rush rushing racing wild frantic explosion exploding hyper "
-    "energetic turbulent speed speeding frenzy".split()
+    ["fast", "storm", "stormy", "chaos", "chaotic", "rush", "rushing", "racing", "wild", "frantic", "explosion", "exploding", "hyper", "energetic", "turbulent", "speed", "speeding", "frenzy"]
 )
 _CALM_SPEED, _FAST_SPEED = 0.35, 2.6
 
@@ -387,7 +386,7 @@ class PreviewEngine:
         self._step = np.empty((self._lh + 1, width * 3), np.float32)
         self._tmp = np.empty((self._lh, width * 3), np.float32)
         self._work = [np.empty((self._lh, self._lw), np.float32) for _ in range(4)]
-        self._scratch = np.empty(0, np.float32)  # caption compositing; grown to the largest caption
+        self._scratch = np.empty(height * width * 3, np.float32)  # caption compositing; fits any caption
         self._row_phases = []
         for k in range(_DOWNSCALE):
             offset = (k + 0.5) / _DOWNSCALE - 0.5

@@ -6,6 +6,7 @@ between blocks, which is where the engine interface allows them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -91,10 +92,8 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
             block += 1
             events.send(("block", block, len(frames)))
     except Exception as exc:  # reported to the supervisor, which restarts the process
-        try:
+        with contextlib.suppress(OSError):
             events.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
-        except OSError:
-            pass
         ring.close()
         os._exit(EXIT_FAILED)
     ring.close()

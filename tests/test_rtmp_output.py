@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -35,7 +36,7 @@ def test_rtmp_stream_is_h264_aac_at_configured_size_fps_keyframes_and_bitrate(tm
     assert int(audio["sample_rate"]) == 48000 and audio["channels"] == 2
     keys = keyframe_times(packets)
     assert len(keys) >= 3
-    gaps = [round(b - a, 3) for a, b in zip(keys, keys[1:], strict=False)]
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(keys)]
     assert all(abs(gap - 2.0) < 0.01 for gap in gaps), gaps
     assert 600 * 0.75 < bitrate_kbps(packets) < 600 * 1.25
 

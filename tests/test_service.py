@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -32,7 +33,7 @@ def test_engine_killed_with_sigkill_is_restarted_while_output_keeps_flowing(tmp_
         engine = channel.health()["engine"]
         metrics = channel.metrics()
 
-    assert all(b > a for a, b in zip(samples, samples[1:], strict=False)), samples
+    assert all(b > a for a, b in itertools.pairwise(samples)), samples
     assert engine["pid"] != first_pid
     assert engine["restarts"] == 1
     assert metrics['promptcast_engine_restarts_total{reason="crashed"}'] == 1

@@ -71,7 +71,8 @@ class MuxerOutput:
     @property
     def shown_destination(self) -> str:
         """The destination as it may appear in logs and status."""
-        return redact_url(self.target.destination) if "://" in self.target.destination else self.target.destination
+        destination = self.target.destination
+        return redact_url(destination) if "://" in destination else destination
 
     def submit(self, packet: EncodedPacket) -> None:
         """Queue a packet without ever blocking the caller; a backlog drops up to the next keyframe."""

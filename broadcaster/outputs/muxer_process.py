@@ -14,8 +14,8 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from fractions import Fraction
 from datetime import UTC, datetime
+from fractions import Fraction
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -157,7 +157,8 @@ def run_muxer(target: MuxTarget, template: bytes, time_bases: tuple[Fraction, Fr
     except (OSError, av.FFmpegError, ValueError) as exc:
         heartbeat[CONNECTED] = 0
         try:
-            message = f"{type(exc).__name__}: {exc}".replace(target.destination, redact_url(target.destination))
+            message = f"{type(exc).__name__}: {exc}"
+            message = message.replace(target.destination, redact_url(target.destination))
             events.send(("error", message))
         except OSError:
             pass
