@@ -595,9 +595,10 @@ class PreviewEngine:
         pad = max(2, round(size * 0.45))
         margin = max(2, round(self.height * 0.04))
         line_h = round(size * 1.25)
-        lines = _wrap(text, font, self.width - 2 * margin - 2 * pad)
-        if not lines:
-            return None
+        max_width = self.width - 2 * margin - 2 * pad
+        if max_width < 2 * size or line_h + 2 * pad > self.height:
+            return None  # a thumbnail-sized frame has no room for legible text
+        lines = _wrap(text, font, max_width)
         text_w = max(math.ceil(font.getlength(line)) for line in lines)
         box_w = min(self.width - 2 * margin, text_w + 2 * pad)
         box_h = len(lines) * line_h + 2 * pad

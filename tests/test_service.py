@@ -108,3 +108,20 @@ def test_control_api_refuses_requests_without_the_token(tmp_path):
     with Channel(tmp_path, small_channel(tmp_path, [_hls(tmp_path)])) as channel:
         body = channel.get("/api/state")
     assert b"bearer token" in body
+
+
+def test_hung_engine_is_killed_and_restarted(tmp_path):
+    config = small_channel(tmp_path, [_hls(tmp_path)], engine={"heartbeat_timeout_s": 2})
+    with Channel(tmp_path, config) as channel:
+        wait_until(lambda: channel.health()["engine"]["state"] == "running", 20)
+        first_pid = channel.health()["engine"]["pid"]
+        os.kill(first_pid, signal.SIGSTOP)  # alive but silent: only the heartbeat can tell
+        wait_until(lambda: channel.health()["engine"]["restarts"] == 1, 15, message=channel.logs())
+        wait_until(lambda: channel.health()["engine"]["state"] == "running", 15)
+        metrics = channel.metrics()
+        frames_before = frames_output(channel)
+        time.sleep(1)
+        frames_after = frames_output(channel)
+    assert metrics['promptcast_engine_restarts_total{reason="hung"}'] == 1
+    assert frames_after > frames_before
+    assert "no heartbeat" in channel.logs()
