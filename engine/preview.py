@@ -89,10 +89,44 @@ _COLOUR_WORDS: dict[str, tuple[tuple[int, int, int], ...]] = {
 }
 # Motion words: a prompt with more of one kind than the other moves slower or faster.
 _CALM_WORDS = frozenset(
-    ["calm", "slow", "still", "gentle", "quiet", "serene", "peaceful", "drift", "drifting", "lazy", "sleepy", "soft", "tranquil", "meditative"]
+    [
+        "calm",
+        "slow",
+        "still",
+        "gentle",
+        "quiet",
+        "serene",
+        "peaceful",
+        "drift",
+        "drifting",
+        "lazy",
+        "sleepy",
+        "soft",
+        "tranquil",
+        "meditative",
+    ]
 )
 _FAST_WORDS = frozenset(
-    ["fast", "storm", "stormy", "chaos", "chaotic", "rush", "rushing", "racing", "wild", "frantic", "explosion", "exploding", "hyper", "energetic", "turbulent", "speed", "speeding", "frenzy"]
+    [
+        "fast",
+        "storm",
+        "stormy",
+        "chaos",
+        "chaotic",
+        "rush",
+        "rushing",
+        "racing",
+        "wild",
+        "frantic",
+        "explosion",
+        "exploding",
+        "hyper",
+        "energetic",
+        "turbulent",
+        "speed",
+        "speeding",
+        "frenzy",
+    ]
 )
 _CALM_SPEED, _FAST_SPEED = 0.35, 2.6
 
@@ -304,30 +338,44 @@ class _Caption:
         region[...] = out
 
 
+def _fit(text: str, font, max_width: float, suffix: str = "") -> int:
+    """Length of the longest prefix of text that, with suffix, is at most max_width wide."""
+    lo, hi = 0, len(text)
+    while lo < hi:  # bisect: each measurement is a FreeType layout, so keep them few
+        mid = (lo + hi + 1) // 2
+        if font.getlength(text[:mid] + suffix) <= max_width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _wrap(text: str, font, max_width: float, max_lines: int = 2) -> list[str]:
     """Greedy word wrap to at most max_lines lines, ending in an ellipsis when text is cut."""
     words = text.split()
+    # Laying out a string costs about its length, so lines are planned from word widths and each
+    # finished line is measured once (kerning across a space can make the sum a pixel off).
+    space = font.getlength(" ")
     lines: list[str] = []
     i = 0
     while i < len(words) and len(lines) < max_lines:
-        line = words[i]
-        i += 1
-        while font.getlength(line) > max_width and len(line) > 1:
+        first = words[i]
+        if font.getlength(first) > max_width:
             # A single word wider than the frame: break it, carrying the rest to the next line.
-            cut = len(line) - 1
-            while cut > 1 and font.getlength(line[:cut]) > max_width:
-                cut -= 1
-            words.insert(i, line[cut:])
-            line = line[:cut]
-        while i < len(words) and font.getlength(line + " " + words[i]) <= max_width:
-            line += " " + words[i]
-            i += 1
-        lines.append(line)
+            cut = max(1, _fit(first, font, max_width))
+            if cut < len(first):
+                words[i : i + 1] = [first[:cut], first[cut:]]
+        end, width = i + 1, font.getlength(words[i])
+        while end < len(words) and width + space + (w := font.getlength(words[end])) <= max_width:
+            width += space + w
+            end += 1
+        while end > i + 1 and font.getlength(" ".join(words[i:end])) > max_width:
+            end -= 1
+        lines.append(" ".join(words[i:end]))
+        i = end
     if i < len(words):
         last = lines[-1]
-        while last and font.getlength(last + "…") > max_width:
-            last = last[:-1]
-        lines[-1] = last.rstrip() + "…"
+        lines[-1] = last[: _fit(last, font, max_width, "…")].rstrip() + "…"
     return lines
 
 
@@ -604,20 +652,24 @@ class PreviewEngine:
         box_h = len(lines) * line_h + 2 * pad
         left = (self.width - box_w) // 2
         top = max(0, self.height - margin - box_h)
-        box = Image.new("RGBA", (box_w, box_h), (0, 0, 0, 0))
-        ImageDraw.Draw(box).rounded_rectangle(
-            (0, 0, box_w - 1, box_h - 1), radius=pad, fill=(0, 0, 0, 150)
-        )
-        shadow = Image.new("RGBA", box.size, (0, 0, 0, 0))
-        ink = Image.new("RGBA", box.size, (0, 0, 0, 0))
-        offset = max(1, round(size / 14))
+        # Pillow draws only coverage masks (the box once, the text once); the shadow is the text mask
+        # shifted, and the layers are combined with numpy, which is cheaper than RGBA compositing.
+        box = Image.new("L", (box_w, box_h), 0)
+        ImageDraw.Draw(box).rounded_rectangle((0, 0, box_w - 1, box_h - 1), radius=pad, fill=150)
+        ink = Image.new("L", (box_w, box_h), 0)
+        draw = ImageDraw.Draw(ink)
         for i, line in enumerate(lines):
-            x = (box_w - font.getlength(line)) / 2
-            y = pad + i * line_h
-            ImageDraw.Draw(shadow).text((x + offset, y + offset), line, font=font, fill=(0, 0, 0, 230))
-            ImageDraw.Draw(ink).text((x, y), line, font=font, fill=(255, 255, 255, 255))
-        rgba = Image.alpha_composite(Image.alpha_composite(box, shadow), ink)
+            draw.text(((box_w - font.getlength(line)) / 2, pad + i * line_h), line, font=font, fill=255)
+        a_box = np.asarray(box, dtype=np.float32) / np.float32(255.0)
+        a_ink = np.asarray(ink, dtype=np.float32) / np.float32(255.0)
+        offset = max(1, round(size / 14))
+        a_shadow = np.zeros_like(a_ink)
+        a_shadow[offset:, offset:] = a_ink[:-offset, :-offset] * np.float32(0.9)
+        # White ink over a black shadow over a black box: only the ink adds colour.
+        alpha = 1.0 - (1.0 - a_box) * (1.0 - a_shadow) * (1.0 - a_ink)
         # A frame too small for the box gets the part of it that fits.
-        arr = np.asarray(rgba, dtype=np.float32)[: self.height - top, : self.width - left]
-        alpha = arr[..., 3:4] / np.float32(255.0)
-        return _Caption(arr[..., :3] * alpha, alpha, top, left)
+        alpha = alpha[: self.height - top, : self.width - left, None]
+        premul = np.repeat(
+            a_ink[: self.height - top, : self.width - left, None] * np.float32(255.0), 3, axis=2
+        )
+        return _Caption(premul, alpha, top, left)

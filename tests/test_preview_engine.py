@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+from PIL import ImageFont
 
 from engine.interface import Engine
 from engine.preview import PreviewEngine, _wrap
@@ -114,8 +117,6 @@ def test_caption_shows_the_prompt_as_typed_while_the_look_ignores_case():
 
 
 def test_long_captions_wrap_to_two_lines_ending_in_an_ellipsis():
-    from PIL import ImageFont
-
     font = ImageFont.load_default(size=16)
     text = " ".join(["word"] * 60)
     lines = _wrap(text, font, 200)
@@ -124,9 +125,14 @@ def test_long_captions_wrap_to_two_lines_ending_in_an_ellipsis():
     assert all(font.getlength(line) <= 200 for line in lines)
 
 
-def test_short_captions_stay_on_one_line():
-    from PIL import ImageFont
+@pytest.mark.parametrize(("width", "height"), [(16, 16), (64, 48), (832, 480)])
+def test_very_long_prompts_render_at_any_size(width, height):
+    engine = PreviewEngine(width, height)
+    engine.start("a sprawling fantasy landscape with castles and dragons " * 20, 0)
+    assert engine.next_block().shape == (9, height, width, 3)
 
+
+def test_short_captions_stay_on_one_line():
     assert _wrap("deep blue ocean", ImageFont.load_default(size=16), 400) == ["deep blue ocean"]
 
 
@@ -156,7 +162,7 @@ def test_switch_blends_gradually_over_the_transition():
     switched.switch_prompt("red fire")
     transition, fresh = switched.next_block(), target.next_block()
     distances = [diff(a, b) for a, b in zip(transition, fresh, strict=True)]
-    assert all(x >= y for x, y in zip(distances, distances[1:], strict=False))
+    assert all(x >= y for x, y in itertools.pairwise(distances))
     steps = [diff(transition[i], transition[i + 1]) for i in range(len(transition) - 1)]
     assert max(steps) < 0.35 * distances[0]
 
@@ -178,7 +184,10 @@ def test_after_the_transition_frames_equal_a_fresh_engine_with_the_new_prompt(ol
 
 
 def test_transitions_longer_than_a_block_also_end_exactly_on_the_new_prompt():
-    switched, fresh = started("deep blue ocean", transition_frames=30), started("red fire", transition_frames=30)
+    switched, fresh = (
+        started("deep blue ocean", transition_frames=30),
+        started("red fire", transition_frames=30),
+    )
     blocks(switched, 1)
     blocks(fresh, 1)
     switched.switch_prompt("red fire")
@@ -202,7 +211,10 @@ def test_switching_again_mid_transition_continues_from_what_is_on_screen():
 
 
 def test_switching_again_mid_transition_ends_exactly_on_the_last_prompt():
-    engine, fresh = started("deep blue ocean", transition_frames=24), started("green forest", transition_frames=24)
+    engine, fresh = (
+        started("deep blue ocean", transition_frames=24),
+        started("green forest", transition_frames=24),
+    )
     blocks(engine, 2)
     engine.switch_prompt("red fire")
     engine.next_block()

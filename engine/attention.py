@@ -1,0 +1,33 @@
+"""One attention function for self and cross attention: FlashAttention when usable, else SDPA."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.cache
+def _flash():
+    try:
+        from flash_attn import flash_attn_func  # FlashAttention 2 (3 exposes the same name)
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
+    """The backend `attention` uses for tensors of this device and dtype."""
+    device = torch.device(device)
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash() is not None:
+        return "flash-attn"
+    return "sdpa"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked softmax attention with scale 1/sqrt(head_dim); tensors are [B, L, heads, head_dim]."""
+    if attention_backend(q.device, q.dtype) == "flash-attn":
+        return _flash()(q, k, v)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)

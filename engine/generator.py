@@ -1,0 +1,150 @@
+"""The streaming generator: LongLive's block loop with prompt switches by KV-recache (§4.3, §5).
+
+    gen = StreamingGenerator(model, SamplerConfig())
+    gen.start(prompt_embeds, seed=0)
+    latents = gen.next_block()          # [1, 3, 16, h, w]
+    gen.switch_prompt(other_embeds)     # applied before the next block
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engine.cache import CrossCache, KVCache, RopeMode
+from engine.model import CausalWanModel
+from engine.sampler import FlowMatchSchedule, SamplerConfig
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How the stream uses the cache."""
+
+    global_sink: bool = True  # the reference's interactive default (LL1 commit 3e12502)
+    rope_mode: RopeMode = "absolute"  # "relative" = the unbounded "infinity" variant (§3.5)
+    batch: int = 1
+
+
+class NoiseSource:
+    """The random draws of a stream: block noise, then re-noise draws, in the reference's order."""
+
+    def __init__(self, seed: int, device: torch.device | str, dtype: torch.dtype):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.device, self.dtype = device, dtype
+
+    def block_noise(self, shape: tuple[int, ...], start_frame: int) -> torch.Tensor:
+        """Initial noise of the block starting at `start_frame`."""
+        return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
+
+    def renoise(self, shape: tuple[int, ...], start_frame: int, step: int) -> torch.Tensor:
+        """The draw that re-noises x0 after denoising step `step` of the block."""
+        return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
+
+
+class StreamingGenerator:
+    """Generates latent blocks one at a time; prompt switches are KV-recaches at block boundaries."""
+
+    def __init__(self, model: CausalWanModel, sampler: SamplerConfig | None = None,
+                 stream: StreamConfig | None = None,
+                 noise_factory: Callable[[int], NoiseSource] | None = None):
+        self.model = model
+        self.cfg = model.cfg
+        self.sampler = sampler or SamplerConfig()
+        self.stream = stream or StreamConfig()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.schedule = FlowMatchSchedule(self.sampler.shift, self.sampler.num_train_timesteps)
+        self.timesteps = [float(t) for t in
+                          self.schedule.step_timesteps(self.sampler.denoising_steps, self.sampler.warp)]
+        cfg = self.cfg
+        self.kv = KVCache(cfg.num_layers, self.stream.batch, cfg.local_attn_size, cfg.sink_size,
+                          cfg.frame_seq_length, cfg.num_heads, cfg.head_dim, self.dtype, self.device,
+                          self.stream.rope_mode)
+        self.text = CrossCache(cfg.num_layers, self.stream.batch, cfg.text_len, cfg.num_heads, cfg.head_dim,
+                               self.dtype, self.device)
+        # Clean latents of the last `local_attn_size` frames: what a recache re-encodes.
+        self.history = torch.zeros(self.stream.batch, cfg.local_attn_size, cfg.out_dim, cfg.latent_height,
+                                   cfg.latent_width, dtype=self.dtype, device=self.device)
+        self._noise_factory = noise_factory or (lambda seed: NoiseSource(seed, self.device, self.dtype))
+        self.noise: NoiseSource | None = None
+        self.frame = 0  # the next block's first latent frame
+        self._pending_prompt: torch.Tensor | None = None
+        self.recaches = 0
+
+    @property
+    def started(self) -> bool:
+        """True between `start` and `reset`."""
+        return self.noise is not None
+
+    def start(self, prompt_embeds: torch.Tensor, seed: int) -> None:
+        """Begin a stream with this prompt embedding [B, text_len, text_dim]."""
+        self.reset()
+        self.noise = self._noise_factory(seed)
+        self._set_prompt(prompt_embeds)
+
+    def reset(self) -> None:
+        """Forget the stream: caches, pointers, history, frame counter."""
+        self.kv.reset()
+        self.text.valid = False
+        self.history.zero_()
+        self.frame = 0
+        self._pending_prompt = None
+        self.noise = None
+
+    def switch_prompt(self, prompt_embeds: torch.Tensor) -> None:
+        """Follow a new prompt from the next block on (only the latest pending switch counts)."""
+        self._pending_prompt = prompt_embeds
+
+    def _set_prompt(self, prompt_embeds: torch.Tensor) -> None:
+        self.model.encode_text(prompt_embeds.to(self.device), self.text)
+
+    def _forward(self, x: torch.Tensor, timestep: float, start_frame: int,
+                 sink_recache: bool = False) -> torch.Tensor:
+        """One DiT pass over latents x [B, F, C, H, W]; returns the flow prediction in the same layout."""
+        frames = x.shape[1]
+        fs = self.cfg.frame_seq_length
+        plan = self.kv.plan(start_frame * fs, frames * fs, self.model.rope(), sink_recache=sink_recache)
+        t = torch.full((x.shape[0], frames), timestep, dtype=torch.float32, device=self.device)
+        flow = self.model(x.permute(0, 2, 1, 3, 4), t, self.kv, plan, self.text)
+        self.kv.commit(plan)
+        return flow.permute(0, 2, 1, 3, 4)
+
+    def recache(self, prompt_embeds: torch.Tensor) -> None:
+        """KV-recache (§5.2): re-encode the last min(window, frames) clean frames under the new prompt."""
+        if not self.stream.global_sink:
+            self.kv.zero_()
+        self._set_prompt(prompt_embeds)
+        if self.frame == 0:
+            return
+        n = min(self.cfg.local_attn_size, self.frame)
+        start = self.frame - n
+        frames = self.history[:, self.cfg.local_attn_size - n:]
+        self._forward(frames, self.sampler.context_noise, start, sink_recache=not self.stream.global_sink)
+        self.recaches += 1
+
+    @torch.no_grad()
+    def next_block(self) -> torch.Tensor:
+        """Denoise the next block: clean latents [B, block frames, C, h, w]."""
+        if self.noise is None:
+            raise RuntimeError("start() the stream before asking for blocks")
+        if self._pending_prompt is not None:
+            prompt, self._pending_prompt = self._pending_prompt, None
+            self.recache(prompt)
+        cfg = self.cfg
+        f0, frames = self.frame, cfg.num_frame_per_block
+        shape = (self.stream.batch, frames, cfg.out_dim, cfg.latent_height, cfg.latent_width)
+        x = self.noise.block_noise(shape, f0).to(self.dtype)
+        steps = self.timesteps
+        for k, timestep in enumerate(steps):
+            flow = self._forward(x, timestep, f0)
+            x0 = self.schedule.flow_to_x0(flow, x, timestep)
+            if k + 1 < len(steps):
+                eps = self.noise.renoise(shape, f0, k).to(self.dtype)
+                x = self.schedule.add_noise(x0, eps, steps[k + 1])
+        # The clean context pass: the block's cache slots now hold its clean keys (§4.3 step 3).
+        self._forward(x0, self.sampler.context_noise, f0)
+        self.history = torch.cat([self.history[:, frames:], x0], dim=1)
+        self.frame += frames
+        return x0
