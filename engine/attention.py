@@ -25,9 +25,14 @@ def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Unmasked softmax attention with scale 1/sqrt(head_dim); tensors are [B, L, heads, head_dim]."""
-    if attention_backend(q.device, q.dtype) == "flash-attn":
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention with scale 1/sqrt(head_dim); tensors are [B, L, heads, head_dim].
+
+    Streaming never masks (the cache holds exactly what a block may see); `mask` (bool
+    [Lq, Lk], True = attend) serves the whole-sequence path that checks it.
+    """
+    if mask is None and attention_backend(q.device, q.dtype) == "flash-attn":
         return _flash()(q, k, v)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask)
     return out.transpose(1, 2)

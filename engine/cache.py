@@ -33,6 +33,7 @@ class SelfAttnPlan:
     is_recompute: bool
     query_angles: tuple[torch.Tensor, torch.Tensor]
     key_angles: tuple[torch.Tensor, torch.Tensor] | None  # relative mode: for the whole read window
+    mask: torch.Tensor | None = None  # only for whole-sequence (non-streaming) passes
 
 
 class KVCache:
@@ -64,7 +65,8 @@ class KVCache:
         self.k.zero_()
         self.v.zero_()
 
-    def plan(self, current_start: int, n_new: int, rope: Rope, sink_recache: bool = False) -> SelfAttnPlan:
+    def plan(self, current_start: int, n_new: int, rope: Rope, sink_recache: bool = False,
+             mask: torch.Tensor | None = None) -> SelfAttnPlan:
         """The reference's pointer arithmetic for one pass (§3.3 steps 2-4)."""
         fs = self.frame_seq_length
         if current_start % fs or n_new % fs:
@@ -95,7 +97,7 @@ class KVCache:
             query_pos = torch.arange(local_start // fs, local_start // fs + frames, device=device)
             key_angles = rope.angles(torch.arange(local_end // fs, device=device))
         return SelfAttnPlan(current_start, n_new, roll, local_start, local_end, write_start, is_recompute,
-                            rope.angles(query_pos), key_angles)
+                            rope.angles(query_pos), key_angles, mask)
 
     def update_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: SelfAttnPlan,
                         rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +132,22 @@ class KVCache:
     def frames_in_buffer(self) -> int:
         """Valid latent frames currently held (sink included)."""
         return self.local_end // self.frame_seq_length
+
+
+def stream_attention_mask(frames: int, block: int, window: int, sink: int, frame_seq_length: int,
+                          device: torch.device | str = "cpu") -> torch.Tensor:
+    """What streaming attends to, as one mask over a whole sequence (True = attend).
+
+    A query in the block ending at frame `end` sees the sink frames [0, sink) and the
+    window's most recent frames [max(sink, end - (window - sink)), end): block-causal,
+    bidirectional inside a block.
+    """
+    f = torch.arange(frames, device=device)
+    end = (f // block + 1) * block
+    key = f.view(1, -1)
+    recent = torch.clamp(end - (window - sink), min=sink).view(-1, 1)
+    visible = (key < end.view(-1, 1)) & ((key < sink) | (key >= recent))
+    return visible.repeat_interleave(frame_seq_length, 0).repeat_interleave(frame_seq_length, 1)
 
 
 class CrossCache:

@@ -173,7 +173,7 @@ class SelfAttention(nn.Module):
         q_cos, q_sin = plan.query_angles
         q = apply_rope(q, q_cos, q_sin)
         keys, values = cache.update_and_read(layer, k, v, plan, rope)
-        return self.o(attention(q, keys, values).flatten(2))
+        return self.o(attention(q, keys, values, plan.mask).flatten(2))
 
 
 class CrossAttention(nn.Module):
