@@ -25,7 +25,8 @@ def attention_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     return "sdpa"
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention with scale 1/sqrt(head_dim); tensors are [B, L, heads, head_dim].
 
     Streaming never masks (the cache holds exactly what a block may see); `mask` (bool

@@ -87,7 +87,8 @@ class KVCache:
         local_start = local_end - n_new
         if local_start < 0:
             raise ValueError(f"pass at token {current_start} reaches before the cached window")
-        write_start = local_start if sink_recache else (max(local_start, sink) if is_recompute else local_start)
+        protect_sink = is_recompute and not sink_recache
+        write_start = max(local_start, sink) if protect_sink else local_start
         device = self.k.device
         frames = n_new // fs
         if self.rope_mode == "absolute":

@@ -143,9 +143,10 @@ def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, tuple[torch.Tenso
     for module in sorted(targets):
         a, b = pairs[module]["A"], pairs[module]["B"]
         out_dim, in_dim = shapes[f"{module}.weight"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_dim or b.shape[0] != out_dim or a.shape[0] != b.shape[1]:
-            raise CheckpointError(f"{path}: {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
-                                  f"fit a Linear({in_dim}->{out_dim})")
+        fits = a.ndim == b.ndim == 2 and a.shape[1] == in_dim and b.shape[0] == out_dim
+        if not fits or a.shape[0] != b.shape[1]:
+            raise CheckpointError(f"{path}: {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} "
+                                  f"do not fit a Linear({in_dim}->{out_dim})")
         out[module] = (a, b)
     return out
 

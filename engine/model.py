@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import attention
@@ -287,7 +286,7 @@ class CausalWanModel(nn.Module):
                 text: CrossCache) -> torch.Tensor:
         """Flow prediction for latents x [B, C, F, H, W] at per-frame timesteps t [B, F]."""
         cfg = self.cfg
-        batch, _, frames, height, width = x.shape
+        _, _, frames, height, width = x.shape
         tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t.flatten()).type_as(tokens))
         e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, t.shape)

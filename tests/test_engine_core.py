@@ -182,17 +182,17 @@ def _snapshot_switch(frame: int, global_sink: bool):
 
 
 def test_recache_with_global_sink_keeps_the_original_sink_after_the_window_fills():
-    changed, gen = _snapshot_switch(15, global_sink=True)
+    changed, _ = _snapshot_switch(15, global_sink=True)
     assert changed == [False] * 3 + [True] * 9
 
 
 def test_recache_with_global_sink_rewrites_the_sink_when_the_switch_is_at_or_before_frame_12():
-    changed, gen = _snapshot_switch(9, global_sink=True)
+    changed, _ = _snapshot_switch(9, global_sink=True)
     assert changed[:9] == [True] * 9 and changed[9:] == [False] * 3  # 9 frames exist, all re-encoded
 
 
 def test_recache_without_global_sink_reanchors_the_sink_on_the_oldest_recached_frame():
-    changed, gen = _snapshot_switch(15, global_sink=False)
+    changed, _ = _snapshot_switch(15, global_sink=False)
     assert changed == [True] * 12
 
 
