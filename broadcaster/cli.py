@@ -98,8 +98,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "output":
         print(bench_output(frames=args.frames))
         return 0
-    print(f"bench {args.what}: not part of this build yet", file=sys.stderr)
-    return 1
+    import torch
+
+    from engine.bench import bench_engine
+
+    dtype = args.dtype or ("bf16" if torch.cuda.is_available() and args.device != "cpu" else "fp32")
+    print(bench_engine(size=args.size, blocks=args.blocks, steps=args.steps, dtype=dtype,
+                       compile_model=args.compile, device=args.device))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,8 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.set_defaults(func=cmd_prompt)
 
     bench = sub.add_parser("bench", help="measure speed")
-    bench.add_argument("what", choices=["output"])
-    bench.add_argument("--frames", type=int, default=320)
+    bench.add_argument("what", choices=["output", "engine"])
+    bench.add_argument("--frames", type=int, default=320, help="output: frames per configuration")
+    bench.add_argument("--size", choices=["tiny", "small", "1.3b"], default="tiny", help="engine: preset")
+    bench.add_argument("--blocks", type=int, default=8, help="engine: blocks to generate")
+    bench.add_argument("--steps", type=int, choices=[1, 2, 3, 4], default=4, help="engine: denoising steps")
+    bench.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                       help="engine: default bf16 on CUDA, fp32 on CPU")
+    bench.add_argument("--compile", action="store_true", help="engine: torch.compile the DiT")
+    bench.add_argument("--device", default=None, help="engine: cuda or cpu (default: cuda if present)")
     bench.set_defaults(func=cmd_bench)
     return parser
 
