@@ -37,6 +37,8 @@ class CheckpointError(ValueError):
 def _read(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -69,9 +71,16 @@ def strip_prefixes(key: str) -> str:
     return key
 
 
+def _keys(d: dict) -> list[str]:
+    """The first top-level keys, printable whatever their types."""
+    return sorted(map(repr, d))[:10]
+
+
 def _tensor_dict(obj: object, path: Path, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: {what} is not a dict of tensors")
+    if not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"{path}: {what} has non-string keys")
     return obj
 
 
@@ -87,12 +96,12 @@ def read_dit_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, to
         elif "model" in raw and isinstance(raw["model"], dict):
             key = "model"
         else:
-            raise CheckpointError(f"{path}: has {sorted(raw)} but no 'generator' dict")
+            raise CheckpointError(f"{path}: has {_keys(raw)} but no 'generator' dict")
         state = _tensor_dict(raw[key], path, f"'{key}'")
     elif isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        state = raw
+        state = _tensor_dict(raw, path, "the top level")
     else:
-        top = sorted(raw)[:10] if isinstance(raw, dict) else type(raw).__name__
+        top = _keys(raw) if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{path}: expected DiT tensors or a dict with 'generator'; top level is {top}")
     return {strip_prefixes(k): v for k, v in state.items()}
 
@@ -119,7 +128,7 @@ def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, tuple[torch.Tenso
     path = Path(path)
     raw = _read(path)
     if not isinstance(raw, dict) or "generator_lora" not in raw:
-        top = sorted(raw)[:10] if isinstance(raw, dict) else type(raw).__name__
+        top = _keys(raw) if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{path}: expected a dict with 'generator_lora'; top level is {top}")
     state = _tensor_dict(raw["generator_lora"], path, "'generator_lora'")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -168,7 +177,7 @@ class LoRALinear(nn.Module):
 
 def load_dit(cfg: ModelConfig, weights: str | Path, lora: str | Path | None = None, *,
              merge_lora: bool = True, lora_alpha: float | None = None, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> CausalWanModel:
+             dtype: torch.dtype = torch.float32, use_ema: bool = False) -> CausalWanModel:
     """Build the DiT on the meta device and assign the checkpoint's weights (plus LongLive's LoRA).
 
     `lora_alpha` defaults to the rank (LongLive: 256/256, scale 1). Merging is done in fp32
@@ -177,7 +186,7 @@ def load_dit(cfg: ModelConfig, weights: str | Path, lora: str | Path | None = No
     with torch.device("meta"):
         model = CausalWanModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    state = read_dit_state_dict(weights)
+    state = read_dit_state_dict(weights, use_ema=use_ema)
     check_state_dict(state, expected, weights)
     adapters = read_lora(lora, cfg) if lora is not None else {}
     scales = {}
