@@ -36,7 +36,13 @@ class EncodedPacket:
 
 
 def annexb_to_avcc(data: bytes) -> bytes:
-    """Rewrite an Annex-B access unit (start codes) as length-prefixed NAL units (FLV/MP4/MKV)."""
+    """Rewrite an Annex-B access unit (start codes) as length-prefixed NAL units (FLV/MP4/MKV).
+
+    The input must be Annex-B, as x264 and NVENC emit it: length-prefixed data cannot be
+    told apart reliably (a 256-511 byte NAL's prefix reads 00 00 01 xx), so it is refused.
+    """
+    if not (data.startswith(b"\x00\x00\x01") or data.startswith(b"\x00\x00\x00\x01")):
+        raise ValueError("not an Annex-B access unit (no leading start code)")
     out = bytearray()
     starts: list[tuple[int, int]] = []  # (start-code offset, payload offset)
     i, n = 0, len(data)
@@ -47,8 +53,6 @@ def annexb_to_avcc(data: bytes) -> bytes:
         code_at = j - 1 if j > 0 and data[j - 1] == 0 else j
         starts.append((code_at, j + 3))
         i = j + 3
-    if not starts:
-        return data  # already length-prefixed
     for k, (_, payload) in enumerate(starts):
         end = starts[k + 1][0] if k + 1 < len(starts) else n
         nal = data[payload:end]

@@ -26,7 +26,7 @@ def redact_url(url: str) -> str:
     if parts.username:
         netloc = f"{parts.username}:{MASK}@{netloc}" if parts.password else f"{MASK}@{netloc}"
     path = parts.path
-    head, _, last = path.rpartition("/")
+    head, _, last = path.rstrip("/").rpartition("/")
     if last:
         path = f"{head}/{MASK}"
     return urlunsplit((parts.scheme, netloc, path, MASK if parts.query else "", ""))

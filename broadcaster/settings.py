@@ -140,7 +140,7 @@ class Settings(_Strict):
         for index, output in enumerate(self.outputs):
             name = output_name(output, index)
             if name in seen:
-                raise ValueError(f"outputs[{index}]: duplicate output name '{name}'")
+                raise ValueError(f"outputs[{index}].name: duplicate output name '{name}'")
             seen.add(name)
         return self
 
@@ -272,6 +272,17 @@ def parse_settings(text: str, source: str = "<config>", env: dict[str, str] | No
     """Validate YAML text into Settings, raising ConfigError with every located problem."""
     env = dict(os.environ) if env is None else env
     try:
+        return _parse(text, source, env)
+    except RecursionError:
+        # A self-referencing alias (&a [*a]) or absurd nesting: refuse, never crash.
+        raise ConfigError(source, [ConfigProblem("", "nested too deeply or refers to itself")]) from None
+
+
+_LOCATED = re.compile(r"^(?P<loc>[a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)*): (?P<msg>.+)$", re.S)
+
+
+def _parse(text: str, source: str, env: dict[str, str]) -> Settings:
+    try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -294,7 +305,15 @@ def parse_settings(text: str, source: str = "<config>", env: dict[str, str] | No
             if located:
                 continue  # already reported as a missing variable
             line = lines.get(path) or lines.get(path[:-1])
-            problems.append(ConfigProblem(_format_loc(path), _clean_message(error), line))
+            message = _clean_message(error)
+            located = _LOCATED.match(message) if not path else None
+            if located:  # a whole-file check that names its own location
+                loc = located["loc"]
+                path = tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\[\]]+", loc) if p)
+                line = lines.get(path) or lines.get(path[:-1])
+                problems.append(ConfigProblem(loc, located["msg"], line))
+                continue
+            problems.append(ConfigProblem(_format_loc(path), message, line))
         raise ConfigError(source, problems) from None
     if problems:
         raise ConfigError(source, problems)
