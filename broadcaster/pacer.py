@@ -70,7 +70,8 @@ class Pacer:
 
     def step(self, index: int) -> list[EncodedPacket]:
         """Produce output frame `index`: take what the engine owes by now, encode, fan out."""
-        due = int((index + 1) * self.engine_fps / self.out_fps)
+        # Engine frames due by the start of this tick: frame floor(index * e / o) is on screen.
+        due = int(index * self.engine_fps / self.out_fps) + 1
         wanted = due - self._consumed
         got = 0
         for _ in range(max(0, wanted)):
