@@ -108,6 +108,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download_weights(args: argparse.Namespace) -> int:
+    """Fetch the LongLive + Wan2.1 files."""
+    from engine.weights import download_weights
+
+    return download_weights(args.dir)
+
+
+def cmd_check_weights(args: argparse.Namespace) -> int:
+    """Verify a weights directory without loading it onto a GPU."""
+    from engine.weights import check_weights
+
+    problems = check_weights(args.dir)
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{args.dir}: OK (every file present; keys and shapes match)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="promptcast", description=__doc__)
@@ -128,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--token", default="")
     prompt.add_argument("--token-file", default="./out/api-token")
     prompt.set_defaults(func=cmd_prompt)
+
+    download = sub.add_parser("download-weights", help="fetch LongLive + Wan2.1 weights (resumable)")
+    download.add_argument("--dir", default="./weights")
+    download.set_defaults(func=cmd_download_weights)
+
+    check_w = sub.add_parser("check-weights", help="verify a weights directory (layout, keys, shapes)")
+    check_w.add_argument("dir", nargs="?", default="./weights")
+    check_w.set_defaults(func=cmd_check_weights)
 
     bench = sub.add_parser("bench", help="measure speed")
     bench.add_argument("what", choices=["output", "engine"])

@@ -40,6 +40,8 @@ class Metrics:
         self.engine_restarts = Counter(
             "promptcast_engine_restarts", "Engine process restarts after a crash or hang", ["reason"],
             registry=r)
+        self.recaches = Counter(
+            "promptcast_recaches", "KV-recaches the engine ran to apply prompt switches", registry=r)
         self.engine_up = Gauge("promptcast_engine_up", "1 while the engine process delivers frames",
                                registry=r)
 

@@ -44,6 +44,7 @@ class EngineSupervisor:
         self._closing = False
         self._backoff = Backoff(0.5, settings.max_restart_backoff_s)
         self._blocks: deque[tuple[float, int]] = deque(maxlen=32)
+        self._recaches_seen = 0
         switches.decided(0, self.prompt)
 
     def switch_prompt(self, prompt: str) -> int:
@@ -54,6 +55,10 @@ class EngineSupervisor:
         self._send(("switch", self.prompt_seq, prompt))
         log.info("prompt switch #%d decided", self.prompt_seq)
         return self.prompt_seq
+
+    def prepare_prompt(self, prompt: str) -> None:
+        """Ask the engine to get a likely next prompt ready (text encoding) before it is chosen."""
+        self._send(("prepare", prompt))
 
     def _send(self, message) -> None:
         if self._control is not None:
@@ -91,6 +96,7 @@ class EngineSupervisor:
         control_read.close()
         events_write.close()
         self.process, self._control = process, control_write
+        self._recaches_seen = 0  # a new engine counts from zero
         self.state = "loading"
         ready = False
         started = time.monotonic()
@@ -147,6 +153,9 @@ class EngineSupervisor:
                 elif kind == "block":
                     self.block = event[1]
                     self.metrics.frames_generated.inc(event[2])
+                    if event[3] > self._recaches_seen:
+                        self.metrics.recaches.inc(event[3] - self._recaches_seen)
+                    self._recaches_seen = event[3]
                     self._blocks.append((time.monotonic(), event[2]))
                     self.metrics.generation_fps.set(self.generation_fps)
                 elif kind == "applied":

@@ -4,23 +4,52 @@ from __future__ import annotations
 
 from engine.interface import Engine
 from engine.settings import EngineSettings
+from engine.weights import WeightPaths
 
-BACKENDS = ("preview",)
+BACKENDS = ("preview", "longlive")
+LONGLIVE_MULTIPLE = 16  # VAE stride 8 x DiT patch 2
 
 
 class BackendUnavailable(RuntimeError):
     """The configured backend cannot run in this build or on this machine."""
 
 
+def _cuda() -> str | None:
+    """The CUDA device name, or None."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def _longlive_blocker(settings: EngineSettings) -> str | None:
+    """Why LongLive cannot run with these settings, or None."""
+    paths = WeightPaths(settings.weights_dir)
+    if not paths.present():
+        return (f"LongLive weights not found in {settings.weights_dir} "
+                f"(run `promptcast download-weights --dir {settings.weights_dir}`)")
+    if settings.width % LONGLIVE_MULTIPLE or settings.height % LONGLIVE_MULTIPLE:
+        return (f"engine size {settings.width}x{settings.height} is not a multiple of {LONGLIVE_MULTIPLE} "
+                "(LongLive needs latent sizes divisible by the patch)")
+    return None
+
+
 def choose_backend(settings: EngineSettings) -> tuple[str, str]:
     """The backend to run and a one-line reason."""
     if settings.backend == "preview":
         return "preview", "engine.backend is 'preview'"
+    blocker = _longlive_blocker(settings)
     if settings.backend == "longlive":
-        raise BackendUnavailable(
-            "engine.backend: 'longlive' is not available in this build yet; use 'preview' or 'auto'"
-        )
-    return "preview", "auto: this build has no LongLive backend yet, so the CPU preview engine runs"
+        if blocker:
+            raise BackendUnavailable(f"engine.backend: 'longlive' cannot start: {blocker}")
+        gpu = _cuda() if settings.device != "cpu" else None
+        where = f"CUDA {gpu}" if gpu else "the CPU (slow: for small test sizes only)"
+        return "longlive", f"engine.backend is 'longlive', on {where}"
+    gpu = _cuda() if settings.device != "cpu" else None
+    if gpu is None:
+        return "preview", "auto: no CUDA GPU, so the CPU preview engine runs (LongLive needs a GPU)"
+    if blocker:
+        return "preview", f"auto: {blocker}; the preview engine runs"
+    return "longlive", f"auto: CUDA {gpu} and the LongLive weights in {settings.weights_dir}"
 
 
 def create_engine(name: str, settings: EngineSettings) -> Engine:
@@ -29,4 +58,8 @@ def create_engine(name: str, settings: EngineSettings) -> Engine:
         from engine.preview import PreviewEngine
 
         return PreviewEngine(settings.width, settings.height, settings.fps)
+    if name == "longlive":
+        from engine.longlive import LongLiveEngine
+
+        return LongLiveEngine(settings)
     raise BackendUnavailable(f"unknown engine backend {name!r} (have: {', '.join(BACKENDS)})")

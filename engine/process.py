@@ -45,6 +45,7 @@ class _Control:
         self.conn = conn
         self.stop = False
         self.pending: tuple[int, str] | None = None
+        self.to_prepare: list[str] = []
 
     def poll(self) -> None:
         try:
@@ -54,6 +55,8 @@ class _Control:
                     self.stop = True
                 elif message[0] == "switch":
                     self.pending = (message[1], message[2])  # only the latest switch matters
+                elif message[0] == "prepare":
+                    self.to_prepare.append(message[1])
         except (EOFError, OSError):
             self.stop = True  # the supervisor is gone
 
@@ -79,6 +82,11 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
             control.poll()
             if control.stop:
                 break
+            prepare = getattr(engine, "prepare_prompt", None)
+            while control.to_prepare:
+                prompt = control.to_prepare.pop(0)
+                if prepare is not None:
+                    prepare(prompt)  # encode ahead so the switch itself costs only the recache
             if control.pending is not None:
                 prompt_seq, prompt = control.pending
                 control.pending = None
@@ -90,7 +98,7 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
                 if not ring.write(frame, prompt_seq, block, should_stop=lambda: _stopping(control)):
                     break
             block += 1
-            events.send(("block", block, len(frames)))
+            events.send(("block", block, len(frames), getattr(engine, "recaches", 0)))
     except Exception as exc:  # reported to the supervisor, which restarts the process
         with contextlib.suppress(OSError):
             events.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))

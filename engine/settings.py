@@ -34,6 +34,30 @@ class EngineSettings(BaseModel):
         120.0, gt=0, description="time an engine may take to load and make its first block"
     )
     max_restart_backoff_s: float = Field(30.0, gt=0)
+    # LongLive backend
+    steps: list[int] = Field(
+        default_factory=lambda: [1000, 750, 500, 250],
+        min_length=1, max_length=8, description="denoising steps (warped as LongLive does); fewer = faster",
+    )
+    global_sink: bool = Field(True, description="keep the first frames as sink across prompt switches")
+    rope_mode: Literal["relative", "absolute"] = Field(
+        "relative", description="relative: unbounded streams; absolute: as the reference, max 1024 latents",
+    )
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: CUDA bf16, CPU fp32")
+    text_encoder_device: Literal["gpu", "cpu"] = Field(
+        "gpu", description="gpu: UMT5 resident (11.4 GB, fast switches); cpu: saves GPU memory",
+    )
+    merge_lora: bool = True
+    compile: bool = Field(False, description="torch.compile the DiT (slower start, faster blocks)")
+
+    @model_validator(mode="after")
+    def _valid_steps(self) -> EngineSettings:
+        steps = self.steps
+        descending = steps == sorted(set(steps), reverse=True)
+        if not descending or any(not 0 < s <= 1000 for s in steps):
+            raise ValueError(f"steps must be distinct values in 1..1000, highest first; got {steps}")
+        return self
 
     @model_validator(mode="after")
     def _even_size(self) -> EngineSettings:
