@@ -150,8 +150,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
-class SelfAttention(nn.Module):
-    """Causal self-attention over the stream's KV cache (§3.3)."""
+class _Projections(nn.Module):
+    """q, k, v, o projections with the RMSNorm over full-width q and k (Wan's names)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool):
         super().__init__()
@@ -162,6 +162,10 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+
+class SelfAttention(_Projections):
+    """Causal self-attention over the stream's KV cache (§3.3)."""
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, plan: SelfAttnPlan,
                 rope: Rope) -> torch.Tensor:
@@ -175,18 +179,8 @@ class SelfAttention(nn.Module):
         return self.o(attention(q, keys, values, plan.mask).flatten(2))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Attention from video tokens to the 512 text tokens (no mask, no RoPE: §2.2, pitfall 6)."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
 
     def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the (embedded) prompt; cached per prompt by CrossCache."""
