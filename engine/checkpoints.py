@@ -34,7 +34,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded exactly; the message names the file and what is wrong."""
 
 
-def _read(path: Path) -> object:
+def read_checkpoint(path: str | Path) -> object:
+    """A .safetensors or torch checkpoint, memory-mapped where possible; CheckpointError if unreadable."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     if path.stat().st_size == 0:
@@ -87,7 +89,7 @@ def _tensor_dict(obj: object, path: Path, what: str) -> dict[str, torch.Tensor]:
 def read_dit_state_dict(path: str | Path, use_ema: bool = False) -> dict[str, torch.Tensor]:
     """DiT weights from a Wan safetensors or a LongLive generator checkpoint, prefixes stripped."""
     path = Path(path)
-    raw = _read(path)
+    raw = read_checkpoint(path)
     if isinstance(raw, dict) and any(k in raw for k in ("generator", "generator_ema", "model")):
         if use_ema and "generator_ema" in raw:
             key = "generator_ema"
@@ -126,7 +128,7 @@ def check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, tuple[i
 def read_lora(path: str | Path, cfg: ModelConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """LongLive's generator LoRA as {module name: (A [r, in], B [out, r])}, checked against the model."""
     path = Path(path)
-    raw = _read(path)
+    raw = read_checkpoint(path)
     if not isinstance(raw, dict) or "generator_lora" not in raw:
         top = _keys(raw) if isinstance(raw, dict) else type(raw).__name__
         raise CheckpointError(f"{path}: expected a dict with 'generator_lora'; top level is {top}")

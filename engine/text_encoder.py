@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoints import CheckpointError, _read, check_state_dict
+from engine.checkpoints import CheckpointError, check_state_dict, read_checkpoint
 
 __all__ = [
     "PRESETS",
@@ -72,6 +72,20 @@ class UMT5Config:
     def head_dim(self) -> int:
         """Channels per attention head (64 for UMT5-XXL)."""
         return self.dim_attn // self.num_heads
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], text_len: int = 512) -> UMT5Config:
+        """The shape a checkpoint was saved with (so test-size and full-size files load alike)."""
+        try:
+            vocab, dim = state["token_embedding.weight"].shape
+            num_buckets, heads = state["blocks.0.pos_embedding.embedding.weight"].shape
+            dim_attn = state["blocks.0.attn.q.weight"].shape[0]
+            dim_ffn = state["blocks.0.ffn.fc1.weight"].shape[0]
+        except KeyError as exc:
+            raise ValueError(f"not a UMT5 encoder state dict (no {exc.args[0]})") from None
+        layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+        return cls(vocab=vocab, dim=dim, dim_attn=dim_attn, dim_ffn=dim_ffn, num_heads=heads,
+                   num_layers=layers, num_buckets=num_buckets, text_len=text_len)
 
     @classmethod
     def preset(cls, name: str) -> UMT5Config:
@@ -266,7 +280,7 @@ def load_umt5(path: str | Path, cfg: UMT5Config | str = "umt5-xxl", device: str 
     with torch.device("meta"):
         model = UMT5Encoder(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    raw = _read(path)
+    raw = read_checkpoint(path)
     if not isinstance(raw, dict) or not raw:
         raise CheckpointError(f"{path}: expected a state dict of UMT5 tensors, got {type(raw).__name__}")
     bad = sorted(repr(k) for k, v in raw.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))

@@ -14,8 +14,6 @@ later latent gives 4. See docs/vae.md.
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.checkpoints import CheckpointError, check_state_dict
+from engine.checkpoints import CheckpointError, check_state_dict, read_checkpoint
 
 # Per-channel statistics of Wan2.1's latent space (hard-coded in Wan and LongLive, not in the file).
 # The DiT works on (z - mean) / std; the decoder needs z back.
@@ -50,6 +48,16 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if len(self.temperal_upsample) != len(self.dim_mult) - 1:
             raise ValueError("temperal_upsample needs one entry per upsampling stage (len(dim_mult) - 1)")
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> VAEConfig:
+        """The decoder width a checkpoint was saved with (Wan's structure otherwise)."""
+        try:
+            width, z_dim = state["decoder.conv1.weight"].shape[:2]
+        except KeyError:
+            raise ValueError("not a Wan VAE state dict (no decoder.conv1.weight)") from None
+        mult = cls.dim_mult
+        return cls(dim=width // mult[-1], z_dim=z_dim)
 
     @property
     def spatial_factor(self) -> int:
@@ -323,17 +331,20 @@ class StreamingDecoder:
         self.cache_batch = latents.shape[0]
         return out.float().clamp_(-1.0, 1.0).transpose(1, 2)
 
+    @torch.inference_mode()
     def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [1, F, 16, h, w] -> uint8 RGB frames [T, 8h, 8w, 3] (9 then 12 for F = 3)."""
         if latents.shape[0] != 1:
             raise ValueError(f"decode_block takes one video (B = 1), got B = {latents.shape[0]}")
         return to_uint8(self.decode_block_float(latents)[0])
 
+    @torch.inference_mode()
     def decode_video_float(self, latents: torch.Tensor) -> torch.Tensor:
         """A whole video from a fresh cache: [B, F, 16, h, w] -> fp32 [B, 4F - 3, 3, 8h, 8w]."""
         self.reset()
         return self.decode_block_float(latents)
 
+    @torch.inference_mode()
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
         """A whole video from a fresh cache: [1, F, 16, h, w] -> uint8 [4F - 3, 8h, 8w, 3]."""
         self.reset()
@@ -348,20 +359,7 @@ def decoder_shapes(cfg: VAEConfig = PRESETS["wan2.1"]) -> dict[str, tuple[int, .
 
 
 def _read_pth(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file")
-    errors = (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError)
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except errors as exc:
-        if "mmap" not in str(exc):
-            raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated?): {exc}") from None
-        try:  # legacy (non-zip) pickles cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except errors as exc2:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint: {exc2}") from None
+    obj = read_checkpoint(path)
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in obj.items()):
         raise CheckpointError(f"{path}: expected a state dict (str -> tensor) like Wan2.1_VAE.pth, "
