@@ -145,6 +145,8 @@ class StreamingGenerator:
                 x = self.schedule.add_noise(x0, eps, steps[k + 1])
         # The clean context pass: the block's cache slots now hold its clean keys (§4.3 step 3).
         self._forward(x0, self.sampler.context_noise, f0)
-        self.history = torch.cat([self.history[:, frames:], x0], dim=1)
+        # A static buffer, shifted in place (no new tensor per block).
+        self.history[:, :-frames] = self.history[:, frames:].clone()
+        self.history[:, -frames:] = x0
         self.frame += frames
         return x0

@@ -159,8 +159,7 @@ def check_weights(root: str | Path) -> list[str]:
             cfg = config_from_wan_json(paths.dit_config)
             load_dit(cfg, paths.base, paths.lora, merge_lora=False, device="meta")
         checks.append((paths.base, dit))
-    for check in _extra_checks(paths):
-        checks.append(check)
+    checks.extend(_extra_checks(paths))
     for path, run in checks:
         try:
             run()
@@ -172,5 +171,32 @@ def check_weights(root: str | Path) -> list[str]:
 
 
 def _extra_checks(paths: WeightPaths) -> list[tuple[Path, Callable[[], object]]]:
-    """Checks of the VAE, text encoder and tokenizer files."""
-    return []
+    """Checks of the VAE, text encoder and tokenizer files (built on the meta device: no memory)."""
+    from engine.checkpoints import read_checkpoint
+    from engine.text_encoder import PromptTokenizer, UMT5Config, load_umt5
+    from engine.vae import VAEConfig, load_vae_decoder
+
+    checks: list[tuple[Path, Callable[[], object]]] = []
+    if paths.vae.is_file():
+        def vae() -> None:
+            load_vae_decoder(paths.vae, VAEConfig.from_state_dict(read_checkpoint(paths.vae)), device="meta")
+        checks.append((paths.vae, vae))
+    text_len = _text_len(paths)
+    if paths.text_encoder.is_file():
+        def text_encoder() -> None:
+            cfg = UMT5Config.from_state_dict(read_checkpoint(paths.text_encoder), text_len=text_len)
+            load_umt5(paths.text_encoder, cfg, device="meta")
+        checks.append((paths.text_encoder, text_encoder))
+    if (paths.tokenizer / "tokenizer.json").is_file():
+        checks.append((paths.tokenizer, lambda: PromptTokenizer.from_dir(paths.tokenizer, text_len=text_len)))
+    return checks
+
+
+def _text_len(paths: WeightPaths) -> int:
+    """The DiT's text length (512 for Wan2.1), from its config when readable."""
+    import json
+
+    try:
+        return int(json.loads(paths.dit_config.read_text())["text_len"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 512

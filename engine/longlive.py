@@ -1,0 +1,104 @@
+"""The `longlive` backend: UMT5 text encoding -> DiT block loop -> streaming VAE decode.
+
+Runs inside the engine process. Frames are uint8 RGB [T, H, W, 3]: 9 for the first
+block, 12 after. A prompt switch is a (usually pre-encoded) embedding plus a KV-recache
+applied before the next block.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from engine.checkpoints import config_from_wan_json, load_dit, read_checkpoint
+from engine.generator import StreamConfig, StreamingGenerator
+from engine.sampler import SamplerConfig
+from engine.settings import EngineSettings
+from engine.text_encoder import PromptTokenizer, TextEncoder, UMT5Config, load_umt5
+from engine.vae import StreamingDecoder, VAEConfig, load_vae_decoder
+from engine.weights import WeightPaths
+
+log = logging.getLogger("engine.longlive")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(settings: EngineSettings) -> tuple[torch.device, torch.dtype]:
+    """The device and compute dtype the settings ask for (auto: CUDA bf16, else CPU fp32)."""
+    if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
+        device = torch.device("cuda")
+    else:
+        device = torch.device("cpu")
+    if settings.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, DTYPES[settings.dtype]
+
+
+class LongLiveEngine:
+    """LongLive 1.0 behind the engine interface (product.md)."""
+
+    def __init__(self, settings: EngineSettings):
+        started = time.perf_counter()
+        self.settings = settings
+        self.width, self.height, self.fps = settings.width, settings.height, settings.fps
+        self.device, self.dtype = resolve_device(settings)
+        paths = WeightPaths(settings.weights_dir)
+        cfg = config_from_wan_json(paths.dit_config, settings.height // 8, settings.width // 8)
+        model = load_dit(cfg, paths.base, paths.lora, merge_lora=settings.merge_lora, device=self.device,
+                         dtype=self.dtype)
+        if settings.compile:
+            model = torch.compile(model)
+        self.generator = StreamingGenerator(
+            model, SamplerConfig(denoising_steps=tuple(settings.steps)),
+            StreamConfig(global_sink=settings.global_sink, rope_mode=settings.rope_mode))
+        t5_state = read_checkpoint(paths.text_encoder)
+        t5_cfg = UMT5Config.from_state_dict(t5_state, text_len=cfg.text_len)
+        del t5_state
+        if t5_cfg.dim != cfg.text_dim:
+            raise ValueError(f"{paths.text_encoder}: encoder width {t5_cfg.dim} "
+                             f"!= DiT text_dim {cfg.text_dim}")
+        placement = settings.text_encoder_device
+        home = self.device if placement == "gpu" else torch.device("cpu")
+        encoder = load_umt5(paths.text_encoder, t5_cfg, device=home,
+                            dtype=self.dtype if home.type == "cuda" else torch.float32)
+        tokenizer = PromptTokenizer.from_dir(paths.tokenizer, text_len=cfg.text_len)
+        self.text = TextEncoder(encoder, tokenizer, device=self.device, dtype=self.dtype, placement=placement)
+        vae_cfg = VAEConfig.from_state_dict(read_checkpoint(paths.vae))
+        self.decoder = StreamingDecoder(load_vae_decoder(paths.vae, vae_cfg, device=self.device,
+                                                         dtype=self.dtype))
+        log.info("longlive loaded in %.1fs on %s (%s): DiT %dx%d latents, %d steps, rope %s, global_sink %s",
+                 time.perf_counter() - started, self.device, self.dtype, cfg.latent_height, cfg.latent_width,
+                 len(settings.steps), settings.rope_mode, settings.global_sink)
+
+    @property
+    def recaches(self) -> int:
+        """KV-recaches run so far (one per applied prompt switch after the first block)."""
+        return self.generator.recaches
+
+    def prepare_prompt(self, prompt: str) -> None:
+        """Encode a prompt ahead of time, so switching to it costs only the recache."""
+        self.text.prepare(prompt)
+
+    def start(self, prompt: str, seed: int) -> None:
+        """Begin a stream."""
+        self.decoder.reset()
+        self.generator.start(self.text.encode(prompt), seed)
+
+    def switch_prompt(self, prompt: str) -> None:
+        """Follow `prompt` from the next block (KV-recache then)."""
+        self.generator.switch_prompt(self.text.encode(prompt))
+
+    @torch.no_grad()
+    def next_block(self) -> np.ndarray:
+        """Generate and decode one block: uint8 [T, H, W, 3]."""
+        latents = self.generator.next_block()
+        frames = self.decoder.decode_block(latents)
+        return frames.cpu().numpy()
+
+    def reset(self) -> None:
+        """Forget the stream."""
+        self.generator.reset()
+        self.decoder.reset()
