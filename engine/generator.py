@@ -135,13 +135,13 @@ class StreamingGenerator:
         cfg = self.cfg
         f0, frames = self.frame, cfg.num_frame_per_block
         shape = (self.stream.batch, frames, cfg.out_dim, cfg.latent_height, cfg.latent_width)
-        x = self.noise.block_noise(shape, f0).to(self.dtype)
+        x = self.noise.block_noise(shape, f0).to(self.device, self.dtype)
         steps = self.timesteps
         for k, timestep in enumerate(steps):
             flow = self._forward(x, timestep, f0)
             x0 = self.schedule.flow_to_x0(flow, x, timestep)
             if k + 1 < len(steps):
-                eps = self.noise.renoise(shape, f0, k).to(self.dtype)
+                eps = self.noise.renoise(shape, f0, k).to(self.device, self.dtype)
                 x = self.schedule.add_noise(x0, eps, steps[k + 1])
         # The clean context pass: the block's cache slots now hold its clean keys (§4.3 step 3).
         self._forward(x0, self.sampler.context_noise, f0)

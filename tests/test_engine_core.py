@@ -288,3 +288,11 @@ def test_geometry_follows_the_latent_size():
     cfg = PRESETS["1.3b"]
     assert cfg.frame_seq_length == 1560
     assert cfg.with_latent_size(40, 72).frame_seq_length == 720  # 320x576
+
+
+def test_gpu_check_script_runs_its_pipeline_on_the_cpu_at_tiny_size(capsys):
+    from engine.gpu_check import main
+
+    assert main(["--device", "cpu", "--size", "tiny", "--blocks", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "DiT + VAE" in out and "recache" in out
