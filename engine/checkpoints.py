@@ -195,11 +195,15 @@ def load_dit(cfg: ModelConfig, weights: str | Path, lora: str | Path | None = No
     for module, (a, _b) in adapters.items():
         rank = a.shape[0]
         scales[module] = (lora_alpha if lora_alpha is not None else rank) / rank
-    if merge_lora:
-        for module, (a, b) in adapters.items():
-            key = f"{module}.weight"
-            state[key] = state[key].float() + scales[module] * (b.float() @ a.float())
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    # One tensor at a time (merge in fp32, then cast and move), so host memory holds one
+    # merged weight at most besides the memory-mapped files.
+    for key in list(state):
+        module = key.removesuffix(".weight")
+        if merge_lora and key.endswith(".weight") and module in adapters:
+            a, b = adapters[module]
+            state[key] = (state[key].float() + scales[module] * (b.float() @ a.float())).to(device, dtype)
+        else:
+            state[key] = state[key].to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     if adapters and not merge_lora:
         for module, (a, b) in adapters.items():
