@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from broadcaster.metrics import Metrics
+from broadcaster.steering_runtime import SteeringRuntime
+from chat.events import Role
 
 MAX_PROMPT_CHARS = 500
 
@@ -24,8 +27,8 @@ def make_app(
     *,
     metrics: Metrics,
     health: Callable[[], tuple[bool, dict[str, Any]]],
-    state: Callable[[], dict[str, Any]],
-    switch_prompt: Callable[[str], int],
+    state: Callable[[], Awaitable[dict[str, Any]]],
+    steering: SteeringRuntime,
     api_token: str,
     hls_dir: Path | None,
 ) -> web.Application:
@@ -52,29 +55,74 @@ def make_app(
         return await handler(request)
 
     async def api_state(_: web.Request) -> web.Response:
-        return web.json_response(state(), dumps=lambda o: json.dumps(o, default=str))
+        return web.json_response(await state(), dumps=lambda o: json.dumps(o, default=str))
 
-    async def api_prompt(request: web.Request) -> web.Response:
+    async def body_field(request: web.Request, name: str) -> str | web.Response:
+        """The non-empty string field `name` of a JSON body, or the 4xx answer saying what is wrong."""
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return _json_error(400, "body must be JSON: {\"prompt\": \"...\"}")
-        prompt = body.get("prompt") if isinstance(body, dict) else None
-        if not isinstance(prompt, str) or not prompt.strip():
-            return _json_error(400, "'prompt' must be a non-empty string")
-        prompt = prompt.strip()
-        if len(prompt) > MAX_PROMPT_CHARS:
-            return _json_error(413, f"prompt longer than {MAX_PROMPT_CHARS} characters")
-        if any(ord(c) < 32 for c in prompt):
-            return _json_error(400, "prompt contains control characters")
-        seq = switch_prompt(prompt)
-        return web.json_response({"accepted": True, "switch": seq, "prompt": prompt}, status=202)
+            return _json_error(400, f"body must be JSON with a string field '{name}'")
+        value = body.get(name) if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value.strip():
+            return _json_error(400, f"'{name}' must be a non-empty string")
+        value = value.strip()
+        if len(value) > MAX_PROMPT_CHARS:
+            return _json_error(413, f"'{name}' longer than {MAX_PROMPT_CHARS} characters")
+        if any(ord(c) < 32 for c in value):
+            return _json_error(400, f"'{name}' contains control characters")
+        return value
+
+    async def api_prompt(request: web.Request) -> web.Response:
+        prompt = await body_field(request, "prompt")
+        if isinstance(prompt, web.Response):
+            return prompt
+        entry = await steering.steering.enqueue_direct(prompt, "panel")
+        return web.json_response({"accepted": True, "queued": entry.entry_id, "prompt": prompt}, status=202)
+
+    async def api_chat(request: web.Request) -> web.Response:
+        text = await body_field(request, "text")
+        if isinstance(text, web.Response):
+            return text
+        login = request.query.get("login", "panel")
+        role = Role.MODERATOR if request.query.get("role") == "moderator" else Role.VIEWER
+        try:
+            await steering.local.say(login, text, roles=frozenset({role}))
+        except asyncio.QueueFull:
+            return _json_error(429, "too many chat messages waiting; slow down")
+        return web.json_response({"accepted": True}, status=202)
+
+    async def api_action(request: web.Request) -> web.Response:
+        action = request.match_info["action"]
+        runtime = steering.steering
+        if action == "skip":
+            runtime.skip_requested = True
+        elif action == "pause":
+            runtime.paused = True
+        elif action == "resume":
+            runtime.paused = False
+        elif action == "approve":
+            suggestion = await body_field(request, "id")
+            if isinstance(suggestion, web.Response):
+                return suggestion
+            if await runtime.approve(suggestion, by="panel") is None:
+                return _json_error(404, f"no suggestion {suggestion!r} in the pool")
+        elif action == "ban":
+            text = await body_field(request, "text")
+            if isinstance(text, web.Response):
+                return text
+            await runtime.ban(text)
+        else:
+            return _json_error(404, f"unknown action {action!r}")
+        return web.json_response({"accepted": True, "action": action})
 
     app.middlewares.append(require_token)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_route)
     app.router.add_get("/api/state", api_state)
     app.router.add_post("/api/prompt", api_prompt)
+    app.router.add_post("/api/chat", api_chat)
+    app.router.add_post("/api/{action}", api_action)
     if hls_dir is not None:
         hls_dir.mkdir(parents=True, exist_ok=True)
         app.router.add_static("/hls/", hls_dir, show_index=False)

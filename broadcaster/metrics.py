@@ -42,6 +42,13 @@ class Metrics:
             registry=r)
         self.recaches = Counter(
             "promptcast_recaches", "KV-recaches the engine ran to apply prompt switches", registry=r)
+        self.chat_messages = Counter(
+            "promptcast_chat_messages", "Chat messages received", ["source"], registry=r)
+        self.votes = Counter("promptcast_votes", "Votes counted", registry=r)
+        self.prompts_rejected = Counter(
+            "promptcast_prompts_rejected", "Suggestions and commands refused, by reason", ["reason"],
+            registry=r)
+        self.queue_depth = Gauge("promptcast_queue_depth", "Prompts waiting to be played", registry=r)
         self.engine_up = Gauge("promptcast_engine_up", "1 while the engine process delivers frames",
                                registry=r)
 

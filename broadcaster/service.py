@@ -18,6 +18,7 @@ from broadcaster.metrics import Metrics
 from broadcaster.outputs.factory import build_outputs
 from broadcaster.pacer import Pacer
 from broadcaster.settings import HlsOutputSettings, Settings, output_name
+from broadcaster.steering_runtime import SteeringRuntime, open_store
 from broadcaster.supervisor import EngineSupervisor
 from broadcaster.switches import SwitchTracker
 from engine.backends import choose_backend
@@ -56,6 +57,8 @@ class Service:
         self.pacer: Pacer | None = None
         self.outputs: list = []
         self.http_port: int | None = None
+        self.store = None
+        self.steering: SteeringRuntime | None = None
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown."""
@@ -72,10 +75,11 @@ class Service:
             "outputs": {o.name: o.status() for o in self.outputs},
         }
 
-    def state(self) -> dict:
-        """What is on air, for the control API."""
+    async def state(self) -> dict:
+        """What is on air and how chat is steering it, for the control API."""
         sup = self.supervisor
         return {
+            "steering": await self.steering.state() if self.steering else None,
             "channel": self.settings.channel,
             "prompt_on_air": self.switches.on_air_prompt,
             "prompt_on_air_seq": self.switches.on_air_seq,
@@ -97,11 +101,13 @@ class Service:
         try:
             self.outputs = build_outputs(s, encoder, self.metrics)
             self.supervisor = EngineSupervisor(s.engine, backend, ring, self.metrics, self.switches)
+            self.store = open_store(s.store, s.channel)
+            self.steering = SteeringRuntime(s.chat, self.store, self.supervisor, self.switches, self.metrics)
             self.pacer = Pacer(ring, encoder, [o.submit for o in self.outputs], self.metrics, self.switches,
                                s.engine.fps)
             hls = next((o for o in s.outputs if isinstance(o, HlsOutputSettings)), None)
             app = make_app(metrics=self.metrics, health=self.health, state=self.state,
-                           switch_prompt=self.supervisor.switch_prompt, api_token=api_token(s),
+                           steering=self.steering, api_token=api_token(s),
                            hls_dir=hls.dir if hls else None)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
@@ -116,6 +122,8 @@ class Service:
         finally:
             if runner is not None:
                 await runner.cleanup()
+            if self.store is not None:
+                await self.store.close()
             encoder.close()
             ring.close()
             log.info("channel %s stopped", s.channel)
@@ -124,6 +132,7 @@ class Service:
         assert self.pacer and self.supervisor
         async with asyncio.TaskGroup() as group:
             group.create_task(self.supervisor.run(), name="engine-supervisor")
+            steering = group.create_task(self.steering.run(), name="steering")
             for output in self.outputs:
                 group.create_task(output.run(), name=f"output-{output.name}")
             pacer_done = group.create_task(asyncio.to_thread(self.pacer.run), name="pacer")
@@ -134,6 +143,7 @@ class Service:
                 # Order matters: no new packets, then let every muxer write its trailer.
                 self.pacer.stop()
                 await asyncio.shield(pacer_done)
+                steering.cancel()  # stop taking chat first; unapplied prompts stay unacknowledged
                 for output in self.outputs:
                     await output.close()
                 await self.supervisor.close()

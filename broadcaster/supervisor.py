@@ -45,6 +45,7 @@ class EngineSupervisor:
         self._backoff = Backoff(0.5, settings.max_restart_backoff_s)
         self._blocks: deque[tuple[float, int]] = deque(maxlen=32)
         self._recaches_seen = 0
+        self.block_done = asyncio.Event()  # set at every block boundary (steering listens)
         switches.decided(0, self.prompt)
 
     def switch_prompt(self, prompt: str) -> int:
@@ -151,6 +152,7 @@ class EngineSupervisor:
                     self.metrics.engine_up.set(1)
                     log.info("engine ready: %s pid %d", event[1]["backend"], event[1]["pid"])
                 elif kind == "block":
+                    self.block_done.set()
                     self.block = event[1]
                     self.metrics.frames_generated.inc(event[2])
                     if event[3] > self._recaches_seen:

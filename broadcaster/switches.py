@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from broadcaster.metrics import Metrics
 
@@ -19,6 +20,7 @@ class SwitchTracker:
         self.on_air_seq = -1  # 0 is the prompt the stream starts with
         self.on_air_prompt = ""
         self.last_latency: float | None = None
+        self.on_air: Callable[[int], None] | None = None  # called (from the pacer thread) per switch on air
 
     def decided(self, seq: int, prompt: str) -> None:
         """A switch to `prompt` with number `seq` was decided now."""
@@ -36,6 +38,8 @@ class SwitchTracker:
                 if done != seq:
                     continue  # superseded before it reached the air
                 self.on_air_prompt = prompt
+                if self.on_air is not None:
+                    self.on_air(seq)
                 if seq > 0:
                     self.last_latency = now - decided_at
                     self.metrics.switch_latency.observe(self.last_latency)

@@ -1,0 +1,151 @@
+"""Wires chat steering to the engine: sources -> Steering -> prompt switches at block boundaries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from broadcaster.backoff import Backoff
+from broadcaster.metrics import Metrics
+from broadcaster.supervisor import EngineSupervisor
+from broadcaster.switches import SwitchTracker
+from chat.events import ChatEvent, QueuedPrompt
+from chat.settings import ChatSettings, LocalSourceSettings, StoreSettings
+from chat.sources.base import ChatSource
+from chat.sources.local import LocalSource
+from chat.steering import Steering, SteeringHooks
+from chat.store import SteeringStore
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.25
+
+
+def open_store(settings: StoreSettings, channel: str) -> SteeringStore:
+    """The configured store: in-process memory, or Redis under the channel's key prefix."""
+    if settings.kind == "redis":
+        from chat.redis_store import RedisStore
+
+        return RedisStore(settings.url, channel, max_connections=settings.max_connections)
+    from chat.memory_store import MemoryStore
+
+    return MemoryStore()
+
+
+def build_sources(settings: ChatSettings) -> list[ChatSource]:
+    """One source per configured entry; a local source always exists (the API feeds it)."""
+    sources: list[ChatSource] = []
+    for entry in settings.sources:
+        if isinstance(entry, LocalSourceSettings):
+            sources.append(LocalSource())
+        else:
+            from chat.sources.twitch import TwitchSource
+
+            sources.append(TwitchSource(entry))
+    if not any(isinstance(s, LocalSource) for s in sources):
+        sources.append(LocalSource())
+    return sources
+
+
+class SteeringRuntime:
+    """Runs the sources, the round clock and the switch loop for one channel."""
+
+    def __init__(self, settings: ChatSettings, store: SteeringStore, supervisor: EngineSupervisor,
+                 switches: SwitchTracker, metrics: Metrics, sources: list[ChatSource] | None = None):
+        self.store = store
+        self.supervisor = supervisor
+        self.sources = sources if sources is not None else build_sources(settings)
+        self.local = next(s for s in self.sources if isinstance(s, LocalSource))
+        by_name = {s.name: s for s in self.sources}
+
+        async def reply(event: ChatEvent, text: str) -> None:
+            source = by_name.get(event.source)
+            if source is not None:
+                await source.reply(text, event)
+
+        async def refund(event: ChatEvent) -> None:
+            source = by_name.get(event.source)
+            if source is not None:
+                await source.refund(event)
+
+        hooks = SteeringHooks(
+            message=lambda source: metrics.chat_messages.labels(source).inc(),
+            rejected=lambda reason: metrics.prompts_rejected.labels(reason).inc(),
+            vote=metrics.votes.inc,
+            queue_depth=metrics.queue_depth.set,
+            reply=reply,
+            refund=refund,
+            prepare=supervisor.prepare_prompt,
+        )
+        self.steering = Steering(settings, store, hooks=hooks)
+        self._in_flight: dict[int, QueuedPrompt] = {}  # switch seq -> queued entry not yet on air
+        self._loop: asyncio.AbstractEventLoop | None = None
+        switches.on_air = self._on_air_from_pacer
+
+    def _on_air_from_pacer(self, seq: int) -> None:
+        # Called in the pacer thread: hop onto the event loop.
+        if self._loop is not None and seq in self._in_flight:
+            self._loop.call_soon_threadsafe(self._acknowledge, seq)
+
+    def _acknowledge(self, seq: int) -> None:
+        prompt = self._in_flight.pop(seq, None)
+        if prompt is not None:
+            asyncio.ensure_future(self.steering.applied(prompt))  # noqa: RUF006 - logged on failure
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        async with asyncio.TaskGroup() as group:
+            for source in self.sources:
+                group.create_task(self._run_source(source), name=f"chat-{source.name}")
+            group.create_task(self._clock(), name="steering-clock")
+            group.create_task(self._switch_loop(), name="steering-switch")
+
+    async def _run_source(self, source: ChatSource) -> None:
+        async def emit(event: ChatEvent) -> None:
+            try:
+                await self.steering.handle(event)
+            except Exception:  # one bad event (or a store hiccup) must not stop the chat
+                log.exception("chat event from %s could not be handled", event.source)
+
+        backoff = Backoff(1.0, 60.0)
+        while True:
+            started = asyncio.get_running_loop().time()
+            try:
+                await source.run(emit)
+                return
+            except Exception as exc:  # a source reconnects by itself; this is the last resort
+                if asyncio.get_running_loop().time() - started > 60:
+                    backoff.reset()
+                delay = backoff.next_delay()
+                log.error("chat source %s stopped (%s: %s); restarting in %.1fs", source.name,
+                          type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _clock(self) -> None:
+        while True:
+            try:
+                await self.steering.tick()
+            except Exception:
+                log.exception("steering tick failed; retrying")
+            await asyncio.sleep(TICK_S)
+
+    async def _switch_loop(self) -> None:
+        """At each block boundary, hand the next queued prompt to the engine."""
+        while True:
+            await self.supervisor.block_done.wait()
+            self.supervisor.block_done.clear()
+            try:
+                prompt = await self.steering.next_switch()
+            except Exception:
+                log.exception("could not read the prompt queue; retrying at the next block")
+                continue
+            if prompt is None or prompt.entry_id in {p.entry_id for p in self._in_flight.values()}:
+                continue
+            seq = self.supervisor.switch_prompt(prompt.text)
+            self._in_flight[seq] = prompt
+            log.info("switching to the prompt chosen by %s (#%d)", prompt.chosen_by, seq)
+
+    async def state(self) -> dict:
+        """Steering state for the API and overlays."""
+        return await self.steering.state()

@@ -1,0 +1,82 @@
+"""What steering is made of: chat events from any source, and the decisions taken on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Role(StrEnum):
+    """Chat roles, from Twitch badges (or the local panel)."""
+
+    BROADCASTER = "broadcaster"
+    MODERATOR = "moderator"
+    VIP = "vip"
+    SUBSCRIBER = "subscriber"
+    VIEWER = "viewer"
+
+
+@dataclass(frozen=True)
+class ChatEvent:
+    """One chat message (or channel-point redemption) as every source delivers it."""
+
+    source: str  # "twitch", "local", ...
+    message_id: str  # unique per source; used to drop EventSub's at-least-once duplicates
+    user_id: str
+    login: str
+    display_name: str
+    text: str
+    time: float  # unix seconds
+    roles: frozenset[Role] = field(default_factory=lambda: frozenset({Role.VIEWER}))
+    reward_id: str | None = None  # channel-point reward, when this is a redemption
+    redemption_id: str | None = None
+
+    @property
+    def is_moderator(self) -> bool:
+        """Moderators and the broadcaster may run moderator commands."""
+        return bool(self.roles & {Role.MODERATOR, Role.BROADCASTER})
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A viewer's prompt that passed moderation, waiting in the pool or the queue."""
+
+    id: str  # store-assigned
+    text: str  # the prompt as it will be sent (template applied)
+    raw: str  # what the viewer typed, cleaned
+    user_id: str
+    login: str
+    source: str
+    time: float
+
+
+@dataclass(frozen=True)
+class VoteRound:
+    """A timed vote among options drawn from the suggestion pool."""
+
+    id: str
+    options: tuple[Suggestion, ...]
+    opened_at: float
+    closes_at: float
+    closed: bool = False
+    tally: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class QueuedPrompt:
+    """A prompt chosen to be played, waiting for the engine; acknowledged once applied."""
+
+    entry_id: str  # store-assigned (a Redis stream id)
+    text: str
+    chosen_by: str  # "@login", "vote", "moderator @login", "schedule", ...
+    suggestion_id: str | None
+    time: float
+
+
+@dataclass(frozen=True)
+class VoteOutcome:
+    """What happened to one `!vote`."""
+
+    accepted: bool
+    reason: str  # "counted", "changed", "unchanged", "no_round", "round_closed", "bad_option"
+    tally: tuple[int, ...] = ()

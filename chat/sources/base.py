@@ -1,0 +1,39 @@
+"""What every chat source offers the steering core."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, runtime_checkable
+
+from chat.events import ChatEvent
+
+Emit = Callable[[ChatEvent], Awaitable[None]]
+"""Where a source delivers its events; awaited once per event, in arrival order."""
+
+
+@runtime_checkable
+class ChatSource(Protocol):
+    """A place chat comes from (Twitch, the local control panel, ...).
+
+    `run` is the only long-lived call: it connects, keeps the connection alive (reconnecting by itself) and
+    emits every chat message as a `ChatEvent` until it is cancelled. `reply` and `refund` are best effort:
+    they log what went wrong and never raise for network errors, so a flaky chat never stops the stream.
+    """
+
+    name: str
+
+    async def run(self, emit: Emit) -> None:
+        """Emit every chat message (and redemption) as a ChatEvent until cancelled; reconnects by itself."""
+        ...
+
+    async def reply(self, text: str, reply_to: ChatEvent | None = None) -> None:
+        """Answer in chat (threaded under `reply_to` where the source can); best effort, never raises."""
+        ...
+
+    async def refund(self, event: ChatEvent) -> None:
+        """Give back the channel points of a redemption event; a no-op for sources without them."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """At least: connected (bool), reconnects (int), last_error (str | None), messages (int)."""
+        ...

@@ -1,0 +1,802 @@
+"""Twitch chat over EventSub (WebSocket transport), with the real twitchio 3 client.
+
+What twitchio does here: OAuth (app token, validating and refreshing user tokens, including a refresh and
+retry on a Helix 401), Helix requests, the EventSub WebSocket protocol (welcome, keepalive watchdog,
+notification parsing) and the `session_reconnect` handover.
+
+What this module adds on top:
+
+- one supervisor that (re)connects with exponential backoff and jitter. twitchio's own reconnect after a
+  dropped socket is switched off (`reconnect_attempts=None`), because it can end in a socket that is
+  closed for good (no welcome within 11 s, a resubscribe that failed) with nobody retrying;
+- a `session_reconnect` that loses nothing: twitchio closes the old socket as soon as the new one is
+  welcomed, dropping notifications Twitch had already sent on the old one; here they are read first;
+- de-duplication of EventSub's at-least-once delivery (bounded LRU of message ids);
+- the shared-chat policy (`shared_chat: own` drops messages typed in the other channels);
+- badges -> roles; replies through the Send Chat Message API under a token bucket (20 per 30 s);
+- the channel-point reward (find or create, redemptions as ChatEvents, refunds);
+- redaction: client secret, tokens and refresh tokens never reach a log line or `status()`.
+
+`helix_url`/`oauth_url` move twitchio's `Route.BASE`/`Route.ID_BASE`, which are class attributes: the
+override is process-wide while `run` is active (tests point it at a local fake).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import re
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import twitchio
+from twitchio.eventsub import ChannelPointsRedeemAddSubscription, ChatMessageSubscription
+from twitchio.eventsub.websockets import Websocket
+from twitchio.http import Route
+from twitchio.web import BaseAdapter
+
+from chat.events import ChatEvent, Role
+from chat.settings import TwitchSourceSettings
+from chat.sources.base import Emit
+
+if TYPE_CHECKING:
+    from twitchio.eventsub import SubscriptionPayload
+
+log = logging.getLogger(__name__)
+
+READ_SCOPE = "user:read:chat"
+WRITE_SCOPE = "user:write:chat"
+REWARD_SCOPE = "channel:manage:redemptions"
+MAX_MESSAGE_CHARS = 500  # Send Chat Message limit
+REWARD_PROMPT = "Describe what the stream should show"
+
+
+# ---------------------------------------------------------------------------------------------- redaction
+
+
+class _Redactor(logging.Filter):
+    """Replaces secrets in text; as a logging filter, in every record of the loggers it is attached to."""
+
+    _PATTERNS = (
+        (re.compile(r"(?i)\b(client_secret|refresh_token|access_token|id_token|code|token)=([^&\s\"'<>]+)"),
+         r"\1=***"),
+        (re.compile(r"(?i)\b(Bearer|OAuth)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: set[str] = set()
+
+    def add(self, *secrets: str | None) -> None:
+        self._secrets.update(s for s in secrets if s and len(s) >= 4)
+
+    def __call__(self, text: str) -> str:
+        for secret in sorted(self._secrets, key=len, reverse=True):
+            if secret in text:
+                text = text.replace(secret, "***")
+        for pattern, replacement in self._PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("If you require the StarletteAdapter"):
+            return False  # twitchio warns at every Client(); this source never uses its web adapters
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string is the caller's problem, not ours
+            return True
+        clean = self(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self(logging.Formatter().formatException(record.exc_info))
+        return True
+
+    def install(self) -> None:
+        """Attach to twitchio's loggers (OAuth URLs in its exceptions carry the client secret) and ours."""
+        names = [n for n in list(logging.root.manager.loggerDict)
+                 if n == "twitchio" or n.startswith("twitchio.")]
+        for name in [*names, "twitchio", __name__]:
+            logger = logging.getLogger(name)
+            if self not in logger.filters:
+                logger.addFilter(self)
+
+
+_REDACT = _Redactor()
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+class RecentIds:
+    """The last `size` ids seen (LRU): `seen(id)` is False the first time, True for a repeat."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def seen(self, key: str) -> bool:
+        if key in self._ids:
+            self._ids.move_to_end(key)
+            return True
+        self._ids[key] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return False
+
+    def add(self, key: str) -> None:
+        self.seen(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+class ReplyLimiter:
+    """A token bucket of `limit` tokens where each spent token comes back `window` seconds later.
+
+    So a burst of up to `limit` goes out at once, and no `window`-long stretch ever holds more than
+    `limit` sends (a bucket refilled at a constant rate would allow up to twice that).
+    """
+
+    def __init__(self, limit: int = 20, window: float = 30.0, clock: Any = time.monotonic) -> None:
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._spent: deque[float] = deque()
+
+    def available(self) -> int:
+        now = self._clock()
+        while self._spent and now - self._spent[0] >= self.window:
+            self._spent.popleft()
+        return self.limit - len(self._spent)
+
+    def try_acquire(self) -> bool:
+        if self.available() <= 0:
+            return False
+        self._spent.append(self._clock())
+        return True
+
+
+def backoff_delay(attempt: int, base: float, maximum: float) -> float:
+    """Exponential backoff with "equal jitter": half the step fixed, half random."""
+    step = min(maximum, base * (2 ** min(attempt, 30)))
+    return step / 2 + random.uniform(0, step / 2)
+
+
+def roles_from_badges(badges: Iterable[Any], *, is_broadcaster: bool = False) -> frozenset[Role]:
+    """Chat roles from Twitch badges (objects with `set_id`), in this channel."""
+    sets = {getattr(b, "set_id", None) or (b.get("set_id") if isinstance(b, dict) else None) for b in badges}
+    roles: set[Role] = set()
+    if is_broadcaster or "broadcaster" in sets:
+        roles.add(Role.BROADCASTER)
+    if sets & {"moderator", "lead_moderator"}:
+        roles.add(Role.MODERATOR)
+    if "vip" in sets:
+        roles.add(Role.VIP)
+    if sets & {"subscriber", "founder"}:
+        roles.add(Role.SUBSCRIBER)
+    return frozenset(roles or {Role.VIEWER})
+
+
+class _NoWebAdapter(BaseAdapter[Any]):
+    """twitchio's web adapter (OAuth callbacks, webhooks) is never started here: this one serves nothing.
+
+    Passing it keeps `twitchio.Client` from building an aiohttp web application for every connection.
+    """
+
+    def __init__(self) -> None:
+        self._runner_task = None
+        self._eventsub_secret = None
+        self._running = False
+
+    async def event_startup(self) -> None:
+        return None
+
+    async def event_shutdown(self) -> None:
+        return None
+
+    async def close(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def run(self, host: str | None = None, port: int | None = None) -> None:
+        raise RuntimeError("this client serves no OAuth callbacks or webhooks")
+
+    async def eventsub_callback(self, request: Any) -> Any:
+        return None
+
+    async def fetch_token(self, request: Any) -> Any:
+        return None
+
+    async def oauth_callback(self, request: Any) -> Any:
+        return None
+
+    async def oauth_redirect(self, request: Any) -> Any:
+        return None
+
+    @property
+    def eventsub_url(self) -> str:
+        return ""
+
+    @property
+    def redirect_url(self) -> str:
+        return ""
+
+
+class _SetupError(Exception):
+    """Wrong settings or tokens (not a network problem): retried slowly, with the client rebuilt."""
+
+
+# ---------------------------------------------------------------------------------------------- socket
+
+
+class _EventSubSocket(Websocket):
+    """twitchio's EventSub socket with a `session_reconnect` handover that loses no notification."""
+
+    def __init__(self, source: TwitchSource, *, hold: asyncio.Event | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._source = source
+        self._hold = hold  # set: notifications may be dispatched (the old socket's are all out)
+
+    async def _process_notification(self, data: Any) -> None:
+        if self._hold is not None and not self._hold.is_set():
+            await self._hold.wait()
+        await super()._process_notification(data)
+
+    async def _reconnect(self, url: str) -> None:
+        # Runs inside the old socket's listen loop, so nothing else reads the old socket meanwhile.
+        source = self._source
+        hold = asyncio.Event()
+        new = _EventSubSocket(source, hold=hold, keep_alive_timeout=self.keep_alive_timeout,
+                              reconnect_attempts=None, client=self._client, token_for=self._token_for,
+                              http=self._http)
+        new._subscriptions = self._subscriptions  # Twitch moves the subscriptions with the session
+        try:
+            try:
+                await new.connect(url=url, fail_once=True)
+            except Exception as exc:
+                log.warning("twitch: session_reconnect failed (%s); reconnecting from scratch",
+                            source._describe(exc))
+                await self.close()
+                return
+            source._adopt(new)
+            # Twitch sent to the old socket until the new one was welcomed: dispatch what is already there
+            # first, then what the new socket holds, so nothing is lost and the order is kept.
+            await self._drain(source._drain_timeout)
+        finally:
+            hold.set()
+        await self.close()
+        source._adopt(new)  # closing the old one may have unregistered a session id the new one shares
+        source._session_reconnects += 1
+        log.info("twitch: session_reconnect handled (new session %s)", new.session_id)
+
+    async def _drain(self, timeout: float) -> None:
+        socket = self._socket
+        if socket is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not socket.closed:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                message = await socket.receive(timeout=remaining)
+            except Exception:  # timeout or a broken socket: nothing more to read
+                break
+            if message.type is not aiohttp.WSMsgType.TEXT:
+                break
+            try:
+                data = json.loads(message.data)
+            except ValueError:
+                continue
+            if data.get("metadata", {}).get("message_type") == "notification":
+                try:
+                    await self._process_notification(data)
+                except Exception as exc:
+                    log.warning("twitch: unreadable notification while draining: %s",
+                                self._source._describe(exc))
+
+
+# ---------------------------------------------------------------------------------------------- source
+
+
+class TwitchSource:
+    """Twitch chat (and channel-point redemptions) as ChatEvents; see the module docstring, docs/twitch.md."""
+
+    def __init__(
+        self,
+        settings: TwitchSourceSettings,
+        *,
+        eventsub_url: str | None = None,
+        helix_url: str | None = None,
+        oauth_url: str | None = None,
+        name: str = "twitch",
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        stable_after: float = 60.0,
+        reply_limit: int = 20,
+        reply_window: float = 30.0,
+        keepalive_timeout: int = 10,
+        drain_timeout: float = 3.0,
+        check_interval: float = 1.0,
+        http_timeout: float = 10.0,
+        dedupe_size: int = 4096,
+        queue_size: int = 10_000,
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self._eventsub_url = (eventsub_url or "wss://eventsub.wss.twitch.tv/ws").split("?")[0]
+        self._helix_url = _with_slash(helix_url) if helix_url else None
+        self._oauth_url = _with_slash(oauth_url) if oauth_url else None
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._stable_after = stable_after
+        self._keepalive_timeout = max(10, min(600, int(keepalive_timeout)))
+        self._drain_timeout = drain_timeout
+        self._check_interval = check_interval
+        self._http_timeout = http_timeout
+        self._limiter = ReplyLimiter(reply_limit, reply_window)
+        self._recent = RecentIds(dedupe_size)
+        self._queue: asyncio.Queue[ChatEvent] = asyncio.Queue(maxsize=queue_size)
+        _REDACT.add(settings.client_secret, settings.user_token, settings.refresh_token,
+                    settings.broadcaster_token)
+        _REDACT.install()
+
+        self._client: twitchio.Client | None = None
+        self._groups: dict[str, list[SubscriptionPayload]] = {}  # token user id -> its subscriptions
+        self._sockets: dict[str, _EventSubSocket] = {}
+        self._wake = asyncio.Event()
+        self._running = False
+        self._saved_routes: tuple[str, str] | None = None
+        self._bot_id: str | None = None
+        self._bot_login: str | None = None
+        self._broadcaster_id: str | None = None
+        self._can_write = False
+        self._reward_id: str | None = None
+        self._own_replies: deque[tuple[str, float]] = deque(maxlen=64)  # (text, sent at): to spot echoes
+        self._own_reply_ids = RecentIds(256)
+
+        self._connected = False
+        self._connected_at = 0.0
+        self._ever_connected = False
+        self._failures = 0
+        self._reconnects = 0
+        self._session_reconnects = 0
+        self._last_error: str | None = None
+        self._messages = 0
+        self._redemptions = 0
+        self._duplicates = 0
+        self._echoes_dropped = 0
+        self._shared_dropped = 0
+        self._overflow_dropped = 0
+        self._replies_sent = 0
+        self._replies_dropped = 0
+        self._replies_failed = 0
+
+    # ----- ChatSource -----
+
+    async def run(self, emit: Emit) -> None:
+        if self._running:
+            raise RuntimeError(f"{self.name}: run() is already active")
+        self._running = True
+        pump = asyncio.create_task(self._pump(emit), name=f"{self.name}-emit")
+        try:
+            await self._supervise()
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+            await asyncio.shield(self._drop_client())
+            self._restore_routes()
+            self._running = False
+            self._connected = False
+
+    async def reply(self, text: str, reply_to: ChatEvent | None = None) -> None:
+        if not self.settings.replies or not text.strip():
+            return
+        client, bot_id, broadcaster_id = self._client, self._bot_id, self._broadcaster_id
+        if client is None or bot_id is None or broadcaster_id is None or not self._can_write:
+            self._replies_dropped += 1
+            reason = ("not connected" if self._can_write or client is None
+                      else f"the user token lacks {WRITE_SCOPE}")
+            log.info("twitch: reply dropped (%s): %.80s", reason, text)
+            return
+        if not self._limiter.try_acquire():
+            self._replies_dropped += 1
+            log.warning("twitch: reply dropped, over %d replies per %.0f s: %.80s",
+                        self._limiter.limit, self._limiter.window, text)
+            return
+        parent = None
+        if reply_to is not None and reply_to.source == self.name and reply_to.redemption_id is None:
+            parent = reply_to.message_id
+        text = text[:MAX_MESSAGE_CHARS]
+        self._own_replies.append((text, time.monotonic()))  # before sending: the echo may come first
+        try:
+            async with asyncio.timeout(self._http_timeout):
+                channel = client.create_partialuser(broadcaster_id, self.settings.channel.lower())
+                sent = await channel.send_message(text, sender=bot_id, token_for=bot_id,
+                                                  reply_to_message_id=parent)
+            self._own_reply_ids.add(sent.id)
+        except twitchio.MessageRejectedError as exc:
+            self._replies_failed += 1
+            log.warning("twitch: Twitch dropped a reply (%s: %s)", exc.message.dropped_code,
+                        exc.message.dropped_message)
+        except Exception as exc:
+            self._replies_failed += 1
+            log.warning("twitch: reply failed: %s", self._describe(exc))
+        else:
+            self._replies_sent += 1
+
+    async def refund(self, event: ChatEvent) -> None:
+        """Mark the redemption CANCELED, which gives the viewer their channel points back."""
+        await self._set_redemption(event, "CANCELED")
+
+    async def fulfill(self, event: ChatEvent) -> None:
+        """Mark the redemption FULFILLED (it leaves the broadcaster's request queue)."""
+        await self._set_redemption(event, "FULFILLED")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "source": self.name,
+            "kind": "twitch",
+            "channel": self.settings.channel,
+            "connected": self._connected and bool(self._groups)
+            and all(self._healthy(t) for t in self._groups),
+            "reconnects": self._reconnects,
+            "session_reconnects": self._session_reconnects,
+            "last_error": self._last_error,
+            "messages": self._messages,
+            "redemptions": self._redemptions,
+            "duplicates_dropped": self._duplicates,
+            "own_echoes_dropped": self._echoes_dropped,
+            "shared_chat_dropped": self._shared_dropped,
+            "overflow_dropped": self._overflow_dropped,
+            "replies_sent": self._replies_sent,
+            "replies_dropped": self._replies_dropped,
+            "replies_failed": self._replies_failed,
+            "replies_available": self._limiter.available(),
+            "reward_id": self._reward_id,
+        }
+
+    # ----- supervision -----
+
+    async def _supervise(self) -> None:
+        first = True
+        while True:
+            if self._client is None or not self._groups or any(not self._healthy(t) for t in self._groups):
+                if not first:
+                    if self._connected:  # it was up: lost now
+                        if time.monotonic() - self._connected_at < self._stable_after:
+                            self._failures += 1  # flapping: back off further
+                        self._connected = False
+                        log.warning("twitch: EventSub connection lost")
+                    delay = backoff_delay(self._failures, self._backoff_base, self._backoff_max)
+                    log.info("twitch: connecting again in %.2f s", delay)
+                    await asyncio.sleep(delay)
+                first = False
+                try:
+                    await self._connect_all()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._failures += 1
+                    self._last_error = self._describe(exc)
+                    log.warning("twitch: connecting failed (attempt %d): %s", self._failures,
+                                self._last_error)
+                    if isinstance(exc, _SetupError) or self._failures % 5 == 0:
+                        await self._drop_client()  # start over: tokens validated again, ids resolved again
+                    continue
+                if self._ever_connected:
+                    self._reconnects += 1
+                self._ever_connected = True
+                self._connected = True
+                self._connected_at = time.monotonic()
+                log.info("twitch: reading #%s as @%s", self.settings.channel, self._bot_login)
+            elif self._failures and time.monotonic() - self._connected_at >= self._stable_after:
+                self._failures = 0
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._check_interval):
+                    await self._wake.wait()
+
+    def _healthy(self, token_for: str) -> bool:
+        socket = self._sockets.get(token_for)
+        return socket is not None and socket.connected and not socket._closed and not socket._closing
+
+    async def _connect_all(self) -> None:
+        if self._client is None or not self._groups:
+            await self._drop_client()
+            try:
+                await self._start_client()
+            except BaseException:
+                await self._drop_client()  # a half-started client cannot log in again
+                raise
+        for token_for, payloads in self._groups.items():
+            if not self._healthy(token_for):
+                await self._connect_group(token_for, payloads)
+
+    async def _start_client(self) -> None:
+        settings = self.settings
+        self._apply_routes()
+        client = twitchio.Client(client_id=settings.client_id, client_secret=settings.client_secret,
+                                 fetch_client_user=False, adapter=_NoWebAdapter())
+        self._client = client
+        client.add_listener(self._on_message, event="event_message")
+        client.add_listener(self._on_redemption, event="event_custom_redemption_add")
+        client.add_listener(self._on_socket_closed, event="event_websocket_closed")
+        client.add_listener(self._on_token_refreshed, event="event_token_refreshed")
+        client.add_listener(self._on_revoked, event="event_subscription_revoked")
+        async with asyncio.timeout(self._http_timeout * 3):
+            # an app token; no token file is read or written
+            await client.login(load_tokens=False, save_tokens=False)
+            bot = await self._add_token(settings.user_token, settings.refresh_token, "user_token")
+            if READ_SCOPE not in bot.scopes:
+                raise _SetupError(f"the user token lacks the {READ_SCOPE} scope")
+            self._bot_id, self._bot_login = bot.user_id, bot.login
+            self._can_write = WRITE_SCOPE in bot.scopes
+            if settings.replies and not self._can_write:
+                log.warning("twitch: the user token lacks %s: replies are off", WRITE_SCOPE)
+            users = await client.fetch_users(logins=[settings.channel.lower()])
+            if not users:
+                raise _SetupError(f"no Twitch channel named {settings.channel!r}")
+            broadcaster_id = users[0].id
+        self._broadcaster_id = broadcaster_id
+        assert bot.user_id is not None
+        self._groups = {
+            bot.user_id: [ChatMessageSubscription(broadcaster_user_id=broadcaster_id, user_id=bot.user_id)]}
+        self._reward_id = None
+        if settings.reward_title:
+            reward_id = await self._setup_reward(bot)
+            if reward_id is not None:
+                self._reward_id = reward_id
+                redemptions = ChannelPointsRedeemAddSubscription(broadcaster_user_id=broadcaster_id,
+                                                                 reward_id=reward_id)
+                self._groups.setdefault(broadcaster_id, []).append(redemptions)
+
+    async def _add_token(self, token: str, refresh: str, what: str) -> Any:
+        assert self._client is not None
+        try:
+            validated = await self._client.add_token(token, refresh)
+        except twitchio.InvalidTokenException as exc:
+            raise _SetupError(f"{what} is invalid or expired and could not be refreshed") from exc
+        if not validated.user_id:
+            raise _SetupError(f"{what} is an app token; a user token is needed")
+        return validated
+
+    async def _setup_reward(self, bot: Any) -> str | None:
+        """Find or create the prompt reward; None (with a warning) where it cannot be had."""
+        settings, client, broadcaster_id = self.settings, self._client, self._broadcaster_id
+        assert client is not None and broadcaster_id is not None
+        try:
+            if bot.user_id == broadcaster_id:
+                scopes = bot.scopes  # the bot is the broadcaster: its own (refreshable) token is used
+            elif settings.broadcaster_token:
+                validated = await self._add_token(settings.broadcaster_token, "", "broadcaster_token")
+                if validated.user_id != broadcaster_id:
+                    await client.remove_token(validated.user_id)
+                    if validated.user_id == bot.user_id:  # it replaced the bot's token: put that back
+                        await self._add_token(settings.user_token, settings.refresh_token, "user_token")
+                    log.warning("twitch: broadcaster_token is not #%s's token: no reward", settings.channel)
+                    return None
+                scopes = validated.scopes
+            else:
+                log.warning("twitch: reward_title is set but no broadcaster_token is given: no reward")
+                return None
+            if REWARD_SCOPE not in scopes:
+                log.warning("twitch: the broadcaster token lacks %s: no reward", REWARD_SCOPE)
+                return None
+            title = settings.reward_title
+            async with asyncio.timeout(self._http_timeout * 2):
+                existing = await client.http.get_custom_reward(broadcaster_id=broadcaster_id,
+                                                               token_for=broadcaster_id, manageable=True)
+                for reward in existing["data"]:
+                    if reward["title"].casefold() == title.casefold():
+                        log.info("twitch: using the existing reward %r", reward["title"])
+                        return reward["id"]
+                created = await client.http.post_custom_reward(
+                    broadcaster_id=broadcaster_id, token_for=broadcaster_id, title=title,
+                    cost=settings.reward_cost, prompt=REWARD_PROMPT)
+            log.info("twitch: created the reward %r (%d points)", title, settings.reward_cost)
+            return created["data"][0]["id"]
+        except _SetupError as exc:
+            log.warning("twitch: no reward: %s", exc)
+        except twitchio.HTTPException as exc:
+            # 403: the channel is not affiliate/partner; 400: a reward of that title made by another app
+            log.warning("twitch: no reward (HTTP %s): %s", exc.status, self._describe(exc))
+        return None
+
+    async def _connect_group(self, token_for: str, payloads: list[SubscriptionPayload]) -> None:
+        client = self._client
+        assert client is not None
+        for stale in list(client._websockets.pop(token_for, {}).values()):
+            with contextlib.suppress(Exception):
+                await stale.close()
+        socket = _EventSubSocket(self, client=client, token_for=token_for, http=client.http,
+                                 keep_alive_timeout=self._keepalive_timeout, reconnect_attempts=None)
+        try:
+            url = f"{self._eventsub_url}?keepalive_timeout_seconds={self._keepalive_timeout}"
+            await socket.connect(url=url, fail_once=True)
+            assert socket.session_id is not None
+            client._websockets[token_for] = {socket.session_id: socket}
+            async with asyncio.timeout(self._http_timeout * 2):
+                for payload in payloads:
+                    await client.subscribe_websocket(payload, token_for=token_for, as_bot=False,
+                                                     socket_id=socket.session_id)
+        except BaseException:
+            client._websockets.pop(token_for, None)
+            with contextlib.suppress(Exception):
+                await socket.close()
+            raise
+        self._sockets[token_for] = socket
+
+    def _adopt(self, socket: _EventSubSocket) -> None:
+        """A socket that replaced another after `session_reconnect`."""
+        if self._client is None or socket._token_for is None or socket.session_id is None:
+            return
+        self._client._websockets[socket._token_for][socket.session_id] = socket
+        self._sockets[socket._token_for] = socket
+
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        self._sockets.clear()
+        self._groups = {}
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.close(save_tokens=False)
+
+    def _apply_routes(self) -> None:
+        if self._saved_routes is None:
+            self._saved_routes = (Route.BASE, Route.ID_BASE)
+        if self._helix_url:
+            Route.BASE = self._helix_url
+        if self._oauth_url:
+            Route.ID_BASE = self._oauth_url
+
+    def _restore_routes(self) -> None:
+        if self._saved_routes is not None:
+            if self._helix_url and self._helix_url == Route.BASE:
+                Route.BASE = self._saved_routes[0]
+            if self._oauth_url and self._oauth_url == Route.ID_BASE:
+                Route.ID_BASE = self._saved_routes[1]
+            self._saved_routes = None
+
+    # ----- events -----
+
+    def _enqueue(self, event: ChatEvent) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self._overflow_dropped += 1
+            log.warning("twitch: %d events wait for the consumer; dropped one from @%s",
+                        self._queue.qsize(), event.login)
+
+    async def _pump(self, emit: Emit) -> None:
+        while True:
+            event = await self._queue.get()
+            if event.redemption_id is None:
+                self._messages += 1
+            else:
+                self._redemptions += 1
+            try:
+                await emit(event)
+            except Exception:
+                log.exception("twitch: emit failed for message %s", event.message_id)
+
+    async def _on_message(self, message: twitchio.ChatMessage) -> None:
+        # No await before _enqueue: events keep the order twitchio dispatched them in.
+        try:
+            if message.broadcaster.id != self._broadcaster_id:
+                return
+            if self._recent.seen(f"m:{message.id}"):
+                self._duplicates += 1
+                log.debug("twitch: duplicate message %s dropped", message.id)
+                return
+            source = message.source_broadcaster
+            foreign = source is not None and source.id != self._broadcaster_id
+            if foreign and self.settings.shared_chat == "own":
+                self._shared_dropped += 1
+                return
+            if message.chatter.id == self._bot_id and self._is_own_echo(message):
+                self._echoes_dropped += 1
+                return
+            if self._reward_id is not None and message.channel_points_id == self._reward_id:
+                return  # the redemption event carries it, with the ids a refund needs
+            chatter = message.chatter
+            self._enqueue(ChatEvent(
+                source=self.name,
+                message_id=message.id,
+                user_id=chatter.id,
+                login=chatter.name or "",
+                display_name=chatter.display_name or chatter.name or "",
+                text=message.text,
+                time=time.time(),
+                roles=roles_from_badges(message.badges, is_broadcaster=chatter.id == self._broadcaster_id),
+            ))
+        except Exception as exc:
+            log.warning("twitch: unusable chat message: %s", self._describe(exc))
+
+    def _is_own_echo(self, message: twitchio.ChatMessage) -> bool:
+        """Twitch delivers the bot's own replies back as chat: they must not steer (nor loop)."""
+        if self._bot_id != self._broadcaster_id:
+            return True  # a bot account only speaks through this source
+        # the broadcaster's own account is the bot: only what this source sent is an echo
+        if message.id in self._own_reply_ids:
+            return True
+        now = time.monotonic()
+        for entry in self._own_replies:
+            if entry[0] == message.text and now - entry[1] < 30.0:
+                self._own_replies.remove(entry)
+                return True
+        return False
+
+    async def _on_redemption(self, redemption: Any) -> None:
+        try:
+            if redemption.reward.id != self._reward_id or redemption.broadcaster.id != self._broadcaster_id:
+                return
+            if self._recent.seen(f"r:{redemption.id}"):
+                self._duplicates += 1
+                return
+            user = redemption.user
+            self._enqueue(ChatEvent(
+                source=self.name,
+                message_id=redemption.id,
+                user_id=user.id,
+                login=user.name or "",
+                display_name=user.display_name or user.name or "",
+                text=redemption.user_input,
+                time=time.time(),
+                roles=roles_from_badges((), is_broadcaster=user.id == self._broadcaster_id),
+                reward_id=redemption.reward.id,
+                redemption_id=redemption.id,
+            ))
+        except Exception as exc:
+            log.warning("twitch: unusable redemption: %s", self._describe(exc))
+
+    async def _on_socket_closed(self, payload: Any) -> None:
+        self._wake.set()
+
+    async def _on_token_refreshed(self, payload: Any) -> None:
+        _REDACT.add(payload.token, payload.refresh_token)
+        log.info("twitch: the token of user %s was refreshed", payload.user_id)
+
+    async def _on_revoked(self, payload: Any) -> None:
+        log.warning("twitch: Twitch revoked the %s subscription (%s)", getattr(payload, "type", "?"),
+                    getattr(payload, "status", "?"))
+        self._wake.set()
+
+    async def _set_redemption(self, event: ChatEvent, status: str) -> None:
+        if event.source != self.name or event.redemption_id is None or event.reward_id is None:
+            return
+        client, broadcaster_id = self._client, self._broadcaster_id
+        if client is None or broadcaster_id is None:
+            log.warning("twitch: not connected; redemption %s not marked %s", event.redemption_id, status)
+            return
+        try:
+            async with asyncio.timeout(self._http_timeout):
+                await client.http.patch_custom_reward_redemption(
+                    broadcaster_id=broadcaster_id, token_for=broadcaster_id, reward_id=event.reward_id,
+                    id=event.redemption_id, status=status)  # type: ignore[arg-type]
+        except Exception as exc:
+            log.warning("twitch: marking redemption %s %s failed: %s", event.redemption_id, status,
+                        self._describe(exc))
+        else:
+            log.info("twitch: redemption %s of @%s marked %s", event.redemption_id, event.login, status)
+
+    @staticmethod
+    def _describe(exc: BaseException) -> str:
+        """An exception as a log-safe line (no secrets)."""
+        text = str(exc) or type(exc).__name__
+        return _REDACT(f"{type(exc).__name__}: {text}"[:500])
+
+
+def _with_slash(url: str) -> str:
+    return url if url.endswith("/") else url + "/"

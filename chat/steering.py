@@ -1,0 +1,281 @@
+"""Steering: chat events in, prompt switches out.
+
+    source -> Steering.handle(event) -> parse -> moderate -> pool (vote, manual) or queue (queue)
+    ticker -> Steering.tick(now)     -> opens and closes vote rounds; winners join the queue
+    engine -> Steering.next_switch() -> the oldest queued prompt, at a block boundary
+    on air -> Steering.applied(p)    -> acknowledged in the store (a restart before this replays it)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from chat.commands import Refusal, parse_command
+from chat.events import ChatEvent, QueuedPrompt, Suggestion, VoteRound
+from chat.moderation import Moderator, fold
+from chat.settings import ChatSettings
+from chat.store import SteeringStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SteeringHooks:
+    """What steering reports outward (metrics, chat replies, refunds); every hook is optional."""
+
+    message: Callable[[str], None] = lambda source: None
+    rejected: Callable[[str], None] = lambda reason: None
+    vote: Callable[[], None] = lambda: None
+    queue_depth: Callable[[int], None] = lambda depth: None
+    reply: Callable[[ChatEvent, str], Awaitable[None]] | None = None
+    refund: Callable[[ChatEvent], Awaitable[None]] | None = None
+    prepare: Callable[[str], None] = lambda text: None  # pre-encode a prompt that may play soon
+
+
+@dataclass
+class _RoundState:
+    vetoed: set[int] = field(default_factory=set)
+
+
+class Steering:
+    """The channel's steering logic over a store; one instance per channel process."""
+
+    def __init__(self, settings: ChatSettings, store: SteeringStore, moderator: Moderator | None = None,
+                 hooks: SteeringHooks | None = None, clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.store = store
+        self.moderator = moderator or Moderator(settings.moderation)
+        self.hooks = hooks or SteeringHooks()
+        self.clock = clock
+        self.paused = False
+        self.skip_requested = False
+        self.on_air_since = clock()
+        self._round = _RoundState()
+        self._last_queued_by: dict[str, float] = {}
+        self._prepared: set[str] = set()
+
+    # --- chat in -------------------------------------------------------------------------------
+    async def handle(self, event: ChatEvent) -> None:
+        """Act on one chat event from any source."""
+        if await self.store.seen_message(event.source, event.message_id):
+            return  # EventSub delivers at least once
+        self.hooks.message(event.source)
+        if event.reward_id:  # a channel-point redemption is a prompt suggestion by itself
+            await self._suggest(event, event.text)
+            return
+        command = parse_command(event, self.settings.commands, vote_options=self.settings.vote.options)
+        if command is None:
+            return
+        if isinstance(command, Refusal):
+            await self._refuse(event, command.reason, command.message)
+            return
+        kind = command.kind
+        if kind == "prompt":
+            await self._suggest(event, command.text)
+        elif kind == "vote":
+            await self._vote(event, command.option)
+        elif kind == "skip":
+            self.skip_requested = True
+            await self._reply(event, "skipping to the next prompt")
+        elif kind == "veto":
+            await self._veto(event, command.option)
+        elif kind == "pause":
+            self.paused = True
+            await self._reply(event, "steering paused")
+        elif kind == "resume":
+            self.paused = False
+            await self._reply(event, "steering resumed")
+        elif kind == "banprompt":
+            await self.ban(command.text)
+            await self._reply(event, "prompt banned")
+
+    async def _refuse(self, event: ChatEvent, reason: str, message: str) -> None:
+        self.hooks.rejected(reason)
+        await self._reply(event, f"not accepted: {message}")
+        if event.reward_id and self.hooks.refund is not None:
+            await self.hooks.refund(event)
+
+    async def _reply(self, event: ChatEvent, text: str) -> None:
+        if self.hooks.reply is not None:
+            await self.hooks.reply(event, text)
+
+    async def _suggest(self, event: ChatEvent, text: str) -> None:
+        decision = self.moderator.check(event, text, banned=await self.store.banned())
+        if not decision.accepted:
+            await self._refuse(event, decision.reason, decision.message)
+            return
+        mode = self.settings.mode
+        if mode == "queue":
+            refusal = await self._queue_refusal(event)
+            if refusal:
+                await self._refuse(event, *refusal)
+                return
+            entry = await self.store.enqueue(decision.text, f"@{event.login}", None, self.clock())
+            self._last_queued_by[event.user_id] = self.clock()
+            self.hooks.prepare(entry.text)
+            await self._reply(event, f"queued (#{await self.store.queue_depth()})")
+        else:
+            await self.store.add_suggestion(decision.text, decision.raw, event.user_id, event.login,
+                                            event.source, self.clock())
+            await self._reply(event, "added to the next vote" if mode == "vote" else "waiting for approval")
+        await self._report_depth()
+
+    async def _queue_refusal(self, event: ChatEvent) -> tuple[str, str] | None:
+        cfg = self.settings.queue
+        last = self._last_queued_by.get(event.user_id)
+        if last is not None and self.clock() - last < cfg.user_cooldown_seconds:
+            wait = cfg.user_cooldown_seconds - (self.clock() - last)
+            return "cooldown", f"wait {wait:.0f}s before your next prompt"
+        queued = await self.store.queued(limit=cfg.max_length + 1)
+        if len(queued) >= cfg.max_length:
+            return "queue_full", "the queue is full"
+        if sum(1 for q in queued if q.chosen_by == f"@{event.login}") >= cfg.max_per_user:
+            return "user_cap", f"you already have {cfg.max_per_user} prompts waiting"
+        return None
+
+    async def _vote(self, event: ChatEvent, option: int) -> None:
+        current = await self.store.current_round()
+        if current is None or current.closed:
+            await self._refuse(event, "no_round", "no vote is open")
+            return
+        outcome = await self.store.cast_vote(current.id, event.user_id, option,
+                                             self.settings.vote.last_vote_counts, now=self.clock())
+        if outcome.accepted:
+            self.hooks.vote()
+        else:
+            self.hooks.rejected(outcome.reason)
+
+    async def _veto(self, event: ChatEvent, option: int | None) -> None:
+        current = await self.store.current_round()
+        if option is not None and current is not None and not current.closed:
+            self._round.vetoed.add(option)
+            await self._reply(event, f"option {option} vetoed")
+            return
+        head = await self.store.next_prompt()
+        if head is not None:
+            await self.store.ack(head.entry_id)  # dropped unplayed
+            await self._reply(event, "next prompt vetoed")
+            await self._report_depth()
+
+    # --- moderators and the panel --------------------------------------------------------------
+    async def ban(self, text: str) -> None:
+        """Ban a prompt text and drop matching suggestions from the pool."""
+        await self.store.ban(text)
+        banned = fold(text).compact
+        pool = await self.store.suggestions(limit=1000)
+        await self.store.remove_suggestions([s.id for s in pool if banned and banned in fold(s.raw).compact])
+
+    async def approve(self, suggestion_id: str, by: str = "moderator") -> QueuedPrompt | None:
+        """Manual mode: queue a suggestion from the pool."""
+        pool = {s.id: s for s in await self.store.suggestions(limit=1000)}
+        chosen = pool.get(suggestion_id)
+        if chosen is None:
+            return None
+        await self.store.remove_suggestions([suggestion_id])
+        entry = await self.store.enqueue(chosen.text, f"@{chosen.login} (approved by {by})", chosen.id,
+                                         self.clock())
+        self.hooks.prepare(entry.text)
+        await self._report_depth()
+        return entry
+
+    async def enqueue_direct(self, text: str, chosen_by: str) -> QueuedPrompt:
+        """A prompt from the panel or the scheduler: straight into the queue, played next."""
+        entry = await self.store.enqueue(text, chosen_by, None, self.clock())
+        self.skip_requested = True  # the panel means now, not after the minimum play time
+        self.hooks.prepare(entry.text)
+        await self._report_depth()
+        return entry
+
+    # --- the clock -----------------------------------------------------------------------------
+    async def tick(self) -> None:
+        """Open and close vote rounds; call a few times a second."""
+        if self.settings.mode != "vote" or self.paused:
+            return
+        now = self.clock()
+        current = await self.store.current_round()
+        if current is not None and not current.closed:
+            if now >= current.closes_at:
+                await self._finish_round(current)
+            return
+        pool = await self.store.suggestions(limit=self.settings.vote.options)
+        if len(pool) >= min(self.settings.vote.min_suggestions, self.settings.vote.options):
+            cfg = self.settings.vote
+            new_round = await self.store.open_round(pool[: cfg.options], now, now + cfg.round_seconds)
+            self._round = _RoundState()
+            for option in new_round.options:
+                self.hooks.prepare(option.text)  # any of them may win: encode them all now
+            log.info("vote round %s open with %d options", new_round.id, len(new_round.options))
+
+    async def _finish_round(self, current: VoteRound) -> None:
+        closed = await self.store.close_round(current.id)
+        winner = self._winner(closed)
+        if winner is None:
+            # Nobody (or too few) voted: the options go back to the pool for the next round.
+            for option in closed.options:
+                await self.store.add_suggestion(option.text, option.raw, option.user_id, option.login,
+                                                option.source, option.time)
+            log.info("vote round %s: no winner (%d votes)", closed.id, sum(closed.tally))
+            return
+        await self.store.enqueue(winner.text, f"@{winner.login} (vote)", winner.id, self.clock())
+        log.info("vote round %s won by option from @%s with %d votes", closed.id, winner.login,
+                 max(closed.tally))
+        await self._report_depth()
+
+    def _winner(self, closed: VoteRound) -> Suggestion | None:
+        tally = [0 if i + 1 in self._round.vetoed else n for i, n in enumerate(closed.tally)]
+        if not tally or sum(tally) < max(1, self.settings.vote.min_votes) or max(tally) == 0:
+            return None
+        best = max(tally)
+        leaders = [i for i, n in enumerate(tally) if n == best]
+        if self.settings.vote.tie_break == "random":
+            import random
+
+            return closed.options[random.choice(leaders)]
+        return closed.options[min(leaders, key=lambda i: closed.options[i].time)]
+
+    # --- the engine side -----------------------------------------------------------------------
+    async def next_switch(self) -> QueuedPrompt | None:
+        """The prompt to switch to at this block boundary, if any (not acknowledged yet)."""
+        if self.paused:
+            return None
+        min_play = self.settings.queue.min_play_seconds if self.settings.mode == "queue" else 0.0
+        if not self.skip_requested and self.clock() - self.on_air_since < min_play:
+            return None
+        return await self.store.next_prompt()
+
+    async def applied(self, prompt: QueuedPrompt) -> None:
+        """The engine's first frame of `prompt` went out: acknowledge it and record it as playing."""
+        await self.store.ack(prompt.entry_id)
+        await self.store.set_now_playing(prompt)
+        self.on_air_since = self.clock()
+        self.skip_requested = False
+        await self._report_depth()
+
+    async def _report_depth(self) -> None:
+        self.hooks.queue_depth(await self.store.queue_depth())
+
+    async def state(self) -> dict:
+        """Round, tally, queue, pool and what is playing — for the API and the overlays."""
+        current = await self.store.current_round()
+        now_playing = await self.store.now_playing()
+        return {
+            "mode": self.settings.mode,
+            "paused": self.paused,
+            "now_playing": _prompt_dict(now_playing) if now_playing else None,
+            "round": None if current is None else {
+                "id": current.id, "closed": current.closed, "closes_at": current.closes_at,
+                "options": [{"n": i + 1, "text": o.raw, "by": o.login, "votes": (current.tally or ())[i]
+                             if i < len(current.tally) else 0, "vetoed": (i + 1) in self._round.vetoed}
+                            for i, o in enumerate(current.options)],
+            },
+            "queue": [_prompt_dict(q) for q in await self.store.queued(limit=20)],
+            "pool": [{"id": s.id, "text": s.raw, "by": s.login}
+                     for s in await self.store.suggestions(limit=20)],
+        }
+
+
+def _prompt_dict(prompt: QueuedPrompt) -> dict:
+    return {"text": prompt.text, "chosen_by": prompt.chosen_by, "time": prompt.time}
