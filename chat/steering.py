@@ -192,8 +192,8 @@ class Steering:
     # --- the clock -----------------------------------------------------------------------------
     async def tick(self) -> None:
         """Open and close vote rounds; call a few times a second."""
-        if self.settings.mode != "vote" or self.paused:
-            return
+        if self.settings.mode != "vote":
+            return  # rounds go on while paused: pause stops switching, not voting
         now = self.clock()
         current = await self.store.current_round()
         if current is not None and not current.closed:

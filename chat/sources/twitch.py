@@ -728,15 +728,13 @@ class TwitchSource:
         """Twitch delivers the bot's own replies back as chat: they must not steer (nor loop)."""
         if self._bot_id != self._broadcaster_id:
             return True  # a bot account only speaks through this source
-        # the broadcaster's own account is the bot: only what this source sent is an echo
-        if message.id in self._own_reply_ids:
-            return True
+        # The broadcaster's own account is the bot: only what this source sent is an echo. Known by its
+        # id once Send Chat Message has answered, by its text before (the echo may come first).
         now = time.monotonic()
-        for entry in self._own_replies:
-            if entry[0] == message.text and now - entry[1] < 30.0:
-                self._own_replies.remove(entry)
-                return True
-        return False
+        sent = next((e for e in self._own_replies if e[0] == message.text and now - e[1] < 30.0), None)
+        if sent is not None:
+            self._own_replies.remove(sent)
+        return message.id in self._own_reply_ids or sent is not None
 
     async def _on_redemption(self, redemption: Any) -> None:
         try:
