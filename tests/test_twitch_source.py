@@ -509,3 +509,47 @@ def test_chat_package_imports_no_heavy_modules() -> None:
             "bad = [m for m in ('torch', 'broadcaster', 'engine') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ------------------------------------------------------------------------------------------ steering
+
+
+async def test_twitch_chat_lines_become_suggestions_votes_and_answers(fake: FakeTwitch) -> None:
+    from chat.memory_store import MemoryStore
+    from chat.settings import ChatSettings
+    from chat.steering import Steering, SteeringHooks
+
+    source = make_source(fake)
+    store = MemoryStore()
+
+    async def reply(event: ChatEvent, text: str) -> None:
+        await source.reply(text, event)
+
+    steering = Steering(ChatSettings(mode="vote", vote={"min_suggestions": 2, "options": 2}), store,
+                        hooks=SteeringHooks(reply=reply))
+    task = asyncio.create_task(source.run(steering.handle))
+    try:
+        await fake.wait_subscribed("channel.chat.message")
+        await fake.wait_for(lambda: source.status()["connected"], what="source connected")
+        await fake.send_chat("alice", "!prompt a red fox in the snow")
+        await fake.send_chat("bob", "!p a blue whale in the sea")
+        for _ in range(50):
+            if len(await store.suggestions()) == 2:
+                break
+            await asyncio.sleep(0.05)
+        await steering.tick()
+        await fake.send_chat("carol", "!vote 2")
+        await fake.send_chat("dave", "!vote 2")
+        for _ in range(50):
+            current = await store.current_round()
+            if current and sum(current.tally) == 2:
+                break
+            await asyncio.sleep(0.05)
+        await fake.wait_for(lambda: len(fake.sent_messages) >= 2, what="replies")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert [o.raw for o in current.options] == ["a red fox in the snow", "a blue whale in the sea"]
+    assert list(current.tally) == [0, 2]
+    assert any("added" in str(m) for m in fake.sent_messages)

@@ -478,6 +478,7 @@ class TwitchSource:
                         if time.monotonic() - self._connected_at < self._stable_after:
                             self._failures += 1  # flapping: back off further
                         self._connected = False
+                        self._last_error = "EventSub connection lost"
                         log.warning("twitch: EventSub connection lost")
                     delay = backoff_delay(self._failures, self._backoff_base, self._backoff_max)
                     log.info("twitch: connecting again in %.2f s", delay)
