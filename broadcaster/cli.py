@@ -98,6 +98,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "output":
         print(bench_output(frames=args.frames))
         return 0
+    if args.what == "chat":
+        from broadcaster.bench import bench_chat
+
+        print(bench_chat(redis_url=args.redis))
+        return 0
     import torch
 
     from engine.bench import bench_engine
@@ -159,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     check_w.set_defaults(func=cmd_check_weights)
 
     bench = sub.add_parser("bench", help="measure speed")
-    bench.add_argument("what", choices=["output", "engine"])
+    bench.add_argument("what", choices=["output", "engine", "chat"])
+    bench.add_argument("--redis", default=None, help="chat: a Redis URL (default: the in-process store)")
     bench.add_argument("--frames", type=int, default=320, help="output: frames per configuration")
     bench.add_argument("--size", choices=["tiny", "small", "1.3b"], default="tiny", help="engine: preset")
     bench.add_argument("--blocks", type=int, default=8, help="engine: blocks to generate")
