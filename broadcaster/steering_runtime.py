@@ -68,6 +68,14 @@ class SteeringRuntime:
             if source is not None:
                 await source.refund(event)
 
+        async def announce(text: str) -> None:
+            for source in self.sources:
+                await source.reply(text, None)
+
+        async def automod(event: ChatEvent, text: str) -> bool:
+            check = getattr(by_name.get(event.source), "automod_permitted", None)
+            return True if check is None else await check(event, text)  # only Twitch has AutoMod
+
         hooks = SteeringHooks(
             message=lambda source: metrics.chat_messages.labels(source).inc(),
             rejected=lambda reason: metrics.prompts_rejected.labels(reason).inc(),
@@ -76,6 +84,8 @@ class SteeringRuntime:
             reply=reply,
             refund=refund,
             prepare=supervisor.prepare_prompt,
+            announce=announce,
+            automod=automod,
         )
         self.steering = Steering(settings, store, hooks=hooks)
         self._in_flight: dict[int, QueuedPrompt] = {}  # switch seq -> queued entry not yet on air

@@ -34,6 +34,8 @@ class TwitchSourceSettings(_Strict):
     reward_cost: int = Field(500, ge=1)
     shared_chat: Literal["own", "all"] = Field(
         "own", description="in a shared chat session: only this channel's viewers steer (own), or all")
+    automod_fail: Literal["open", "closed"] = Field(
+        "open", description="when Twitch AutoMod cannot be asked: let suggestions pass (open) or hold them")
 
 
 ChatSourceSettings = Annotated[LocalSourceSettings | TwitchSourceSettings, Field(discriminator="kind")]

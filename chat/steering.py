@@ -33,6 +33,8 @@ class SteeringHooks:
     reply: Callable[[ChatEvent, str], Awaitable[None]] | None = None
     refund: Callable[[ChatEvent], Awaitable[None]] | None = None
     prepare: Callable[[str], None] = lambda text: None  # pre-encode a prompt that may play soon
+    announce: Callable[[str], Awaitable[None]] | None = None  # a line to every chat (round open/result)
+    automod: Callable[[ChatEvent, str], Awaitable[bool]] | None = None  # Twitch AutoMod, when enabled
 
 
 @dataclass
@@ -98,6 +100,10 @@ class Steering:
         if event.reward_id and self.hooks.refund is not None:
             await self.hooks.refund(event)
 
+    async def _announce(self, text: str) -> None:
+        if self.hooks.announce is not None:
+            await self.hooks.announce(text)
+
     async def _reply(self, event: ChatEvent, text: str) -> None:
         if self.hooks.reply is not None:
             await self.hooks.reply(event, text)
@@ -106,6 +112,10 @@ class Steering:
         decision = self.moderator.check(event, text, banned=await self.store.banned())
         if not decision.accepted:
             await self._refuse(event, decision.reason, decision.message)
+            return
+        automod = self.hooks.automod if self.settings.moderation.automod else None
+        if automod is not None and not await automod(event, decision.raw):
+            await self._refuse(event, "automod", "held by AutoMod")
             return
         mode = self.settings.mode
         if mode == "queue":
@@ -149,18 +159,30 @@ class Steering:
             self.hooks.rejected(outcome.reason)
 
     async def _veto(self, event: ChatEvent, option: int | None) -> None:
-        current = await self.store.current_round()
-        if option is not None and current is not None and not current.closed:
-            self._round.vetoed.add(option)
+        if option is not None and await self.veto_option(option):
             await self._reply(event, f"option {option} vetoed")
             return
-        head = await self.store.next_prompt()
-        if head is not None:
-            await self.store.ack(head.entry_id)  # dropped unplayed
+        if await self.veto_next() is not None:
             await self._reply(event, "next prompt vetoed")
-            await self._report_depth()
 
     # --- moderators and the panel --------------------------------------------------------------
+    async def veto_option(self, option: int) -> bool:
+        """Option `option` (1-based) of the open round cannot win; False when no round is open."""
+        current = await self.store.current_round()
+        if current is None or current.closed:
+            return False
+        self._round.vetoed.add(option)
+        return True
+
+    async def veto_next(self) -> QueuedPrompt | None:
+        """Drop the next queued prompt unplayed; the dropped prompt, or None when the queue is empty."""
+        head = await self.store.next_prompt()
+        if head is None:
+            return None
+        await self.store.ack(head.entry_id)
+        await self._report_depth()
+        return head
+
     async def ban(self, text: str) -> None:
         """Ban a prompt text and drop matching suggestions from the pool."""
         await self.store.ban(text)
@@ -208,6 +230,9 @@ class Steering:
             for option in new_round.options:
                 self.hooks.prepare(option.text)  # any of them may win: encode them all now
             log.info("vote round %s open with %d options", new_round.id, len(new_round.options))
+            listing = " | ".join(f"{i + 1}) {o.raw}" for i, o in enumerate(new_round.options))
+            command = f"{self.settings.commands.prefix}{self.settings.commands.vote[0]}"
+            await self._announce(f"Vote now with {command} <n> ({cfg.round_seconds:.0f}s): {listing}")
 
     async def _finish_round(self, current: VoteRound) -> None:
         closed = await self.store.close_round(current.id)
@@ -218,10 +243,12 @@ class Steering:
                 await self.store.add_suggestion(option.text, option.raw, option.user_id, option.login,
                                                 option.source, option.time)
             log.info("vote round %s: no winner (%d votes)", closed.id, sum(closed.tally))
+            await self._announce("No winner this round: the suggestions stay in the pool")
             return
         await self.store.enqueue(winner.text, f"@{winner.login} (vote)", winner.id, self.clock())
         log.info("vote round %s won by option from @%s with %d votes", closed.id, winner.login,
                  max(closed.tally))
+        await self._announce(f"Winner: \"{winner.raw}\" by @{winner.login} ({max(closed.tally)} votes)")
         await self._report_depth()
 
     def _winner(self, closed: VoteRound) -> Suggestion | None:

@@ -5,14 +5,17 @@ Enough of Twitch for the real twitchio 3 client to log in, subscribe and read ch
 - OAuth: `POST /oauth2/token` (client_credentials, refresh_token), `GET /oauth2/validate`.
 - Helix: `GET /helix/users`, `POST|GET|DELETE /helix/eventsub/subscriptions` (POST answers 202),
   `POST /helix/chat/messages` (recorded in `sent_messages`), `GET|POST /helix/channel_points/custom_rewards`,
-  `PATCH /helix/channel_points/custom_rewards/redemptions`.
+  `PATCH /helix/channel_points/custom_rewards/redemptions`, `POST /helix/moderation/enforcements/status`
+  (Check AutoMod Status: not permitted when a word of `automod_forbidden` appears in the text; checked
+  texts in `automod_checks`; `automod_error_status` answers 429, 500, ... instead).
 - EventSub WebSocket `/ws`: `session_welcome`, a `session_keepalive` every `keepalive_interval` seconds,
   `notification`s with Twitch's full field set, `session_reconnect` to a new URL (the old socket keeps
   receiving until the new one is welcomed, then it is closed), abrupt drops, and redelivery of a
   notification (EventSub is at-least-once).
 
 Test API: `send_chat`, `redeliver`, `redeem`, `reconnect`, `drop`, `expire_token`, `wait_for`,
-`sent_messages`, `connections`, `subscriptions`, `redemptions`, `rewards`, `refreshes`.
+`sent_messages`, `connections`, `subscriptions`, `redemptions`, `rewards`, `refreshes`, `automod_forbidden`,
+`automod_error_status`, `automod_checks`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ CLIENT_SECRET = "fake-client-secret-DO-NOT-LOG"
 BOT_TOKEN = "bot-token-DO-NOT-LOG"
 BOT_REFRESH = "bot-refresh-DO-NOT-LOG"
 BROADCASTER_TOKEN = "broadcaster-token-DO-NOT-LOG"
-ALL_SCOPES = ("user:read:chat", "user:write:chat", "channel:manage:redemptions")
+ALL_SCOPES = ("user:read:chat", "user:write:chat", "channel:manage:redemptions", "moderation:read")
 
 
 def _now_iso() -> str:
@@ -99,6 +102,9 @@ class FakeTwitch:
         self.port = port
         self.chat_error_status: int | None = None  # answer Send Chat Message with this error status
         self.echo_sent_messages = True  # as Twitch does: what the bot sends comes back as chat
+        self.automod_forbidden: set[str] = set()  # AutoMod holds a text holding any of these (any case)
+        self.automod_error_status: int | None = None  # answer Check AutoMod Status with this error status
+        self.automod_checks: list[str] = []  # the texts Check AutoMod Status answered for
         self.broadcaster_id = self.add_user(channel)["id"]
         self.bot_id = self.add_user(bot)["id"]
         self.add_token(BOT_TOKEN, bot, refresh=BOT_REFRESH)
@@ -128,6 +134,7 @@ class FakeTwitch:
         app.router.add_post("/helix/chat/messages", self._chat_messages)
         app.router.add_route("*", "/helix/channel_points/custom_rewards", self._custom_rewards)
         app.router.add_patch("/helix/channel_points/custom_rewards/redemptions", self._redemptions)
+        app.router.add_post("/helix/moderation/enforcements/status", self._automod_status)
         app.router.add_get("/ws", self._websocket)
         # no access log: OAuth request lines carry the client secret and refresh tokens in the query
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -624,6 +631,25 @@ class FakeTwitch:
                        "cost": reward["cost"]},
         }]})
 
+    async def _automod_status(self, request: web.Request) -> web.Response:
+        auth = self._auth(request)
+        if isinstance(auth, web.Response):
+            return auth
+        if auth is None or auth["user_id"] != request.query.get("broadcaster_id"):
+            return _error(401, "The ID in broadcaster_id must match the user ID in the access token.")
+        if "moderation:read" not in auth["scopes"]:
+            return _error(401, "Missing scope: moderation:read")
+        if self.automod_error_status is not None:
+            return _error(self.automod_error_status, "automod check failed")
+        body = await request.json()
+        results = []
+        for message in body["data"]:
+            text = message["msg_text"].casefold()
+            self.automod_checks.append(message["msg_text"])
+            results.append({"msg_id": message["msg_id"],
+                            "is_permitted": not any(w.casefold() in text for w in self.automod_forbidden)})
+        return web.json_response({"data": results})
+
 
 def _badge(badge: str | dict[str, str]) -> dict[str, str]:
     if isinstance(badge, dict):
@@ -634,6 +660,6 @@ def _badge(badge: str | dict[str, str]) -> dict[str, str]:
 
 def _error(status: int, message: str) -> web.Response:
     reasons = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-               405: "Not Allowed", 409: "Conflict", 500: "Internal Server Error"}
+               405: "Not Allowed", 409: "Conflict", 429: "Too Many Requests", 500: "Internal Server Error"}
     return web.json_response({"error": reasons.get(status, "Error"), "status": status, "message": message},
                              status=status)

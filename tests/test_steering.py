@@ -196,3 +196,45 @@ async def test_suggestions_in_vote_and_manual_modes_go_to_the_pool(mode):
     await steering.handle(_event("a", "!prompt a red fox"))
     assert [s.raw for s in await steering.store.suggestions()] == ["a red fox"]
     assert await steering.store.queued() == []
+
+
+async def test_automod_holds_a_suggestion_our_own_moderation_passed():
+    rejected, asked = [], []
+
+    async def automod(event, text):
+        asked.append(text)
+        return "forbidden" not in text
+
+    steering, _ = _steering(hooks=SteeringHooks(rejected=rejected.append, automod=automod),
+                            moderation={"automod": True})
+    await steering.handle(_event("a", "!prompt a forbidden scene"))
+    await steering.handle(_event("b", "!prompt a calm lake"))
+    assert rejected == ["automod"] and asked == ["a forbidden scene", "a calm lake"]
+    assert [s.raw for s in await steering.store.suggestions()] == ["a calm lake"]
+
+
+async def test_automod_is_not_asked_unless_enabled():
+    asked = []
+
+    async def automod(event, text):
+        asked.append(text)
+        return False
+
+    steering, _ = _steering(hooks=SteeringHooks(automod=automod))
+    await steering.handle(_event("a", "!prompt a calm lake"))
+    assert asked == [] and len(await steering.store.suggestions()) == 1
+
+
+async def test_round_opening_and_result_are_announced():
+    said = []
+
+    async def announce(text):
+        said.append(text)
+
+    steering, clock = _steering(hooks=SteeringHooks(announce=announce), vote={"round_seconds": 10})
+    await _round_with(steering, "a red fox", "a blue whale")
+    await steering.handle(_event("x", "!vote 1"))
+    clock.now += 11
+    await steering.tick()
+    assert said[0].startswith("Vote now with !vote") and "1) a red fox | 2) a blue whale" in said[0]
+    assert said[1] == 'Winner: "a red fox" by @u0 (1 votes)'

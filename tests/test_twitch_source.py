@@ -389,6 +389,99 @@ async def test_bot_that_is_the_broadcaster_uses_one_token_and_one_socket(fake: F
     assert fake.sent_messages[0]["sender_id"] == fake.broadcaster_id
 
 
+# ----------------------------------------------------------------------------------------------- AutoMod
+
+
+def suggestion(message_id: str) -> ChatEvent:
+    return ChatEvent(source="twitch", message_id=message_id, user_id="1", login="alice", display_name="Alice",
+                     text="(the steering layer passes the cleaned text on its own)", time=0.0)
+
+
+def automod_requests(fake: FakeTwitch) -> int:
+    return fake.requests.count(("POST", "/helix/moderation/enforcements/status"))
+
+
+def automod_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "AutoMod" in r.getMessage()]
+
+
+@pytest.mark.parametrize("setup", ["reward_registered_the_token", "bot_is_broadcaster"])
+async def test_automod_permits_clean_text(fake: FakeTwitch, setup: str) -> None:
+    if setup == "bot_is_broadcaster":  # its own token (with moderation:read) is used
+        source, subscriptions = make_source(fake, settings(user_token=BROADCASTER_TOKEN, refresh_token="")), 1
+    else:
+        source = make_source(fake, settings(broadcaster_token=BROADCASTER_TOKEN, reward_title="Prompt"))
+        subscriptions = 2
+    async with connected(fake, source, subscriptions=subscriptions):
+        validations = fake.requests.count(("GET", "/oauth2/validate"))
+        assert await source.automod_permitted(suggestion("m1"), "a castle in the clouds") is True
+        assert fake.requests.count(("GET", "/oauth2/validate")) == validations  # registered once, at start
+    assert fake.automod_checks == ["a castle in the clouds"]
+    assert source.status()["automod_checked"] == 1 and source.status()["automod_failed"] == 0
+
+
+async def test_automod_holds_forbidden_text(fake: FakeTwitch) -> None:
+    fake.automod_forbidden = {"dragon"}
+    source = make_source(fake, settings(broadcaster_token=BROADCASTER_TOKEN))  # registered at the first check
+    async with connected(fake, source):
+        assert await source.automod_permitted(suggestion("m1"), "a red DRAGON") is False
+    assert fake.automod_checks == ["a red DRAGON"]
+    assert source.status()["automod_held"] == 1
+
+
+async def test_automod_without_broadcaster_token_fails_open_with_one_warning(
+        fake: FakeTwitch, caplog: pytest.LogCaptureFixture) -> None:
+    source = make_source(fake)  # the default automod_fail: open
+    async with connected(fake, source):
+        assert await source.automod_permitted(suggestion("m1"), "a castle") is True
+        assert await source.automod_permitted(suggestion("m2"), "a forest") is True
+    assert automod_requests(fake) == 0
+    (warning,) = automod_warnings(caplog)
+    assert "broadcaster_token" in warning
+    assert source.status()["automod_failed"] == 2
+
+
+async def test_automod_missing_scope_fails_closed_when_configured(
+        fake: FakeTwitch, caplog: pytest.LogCaptureFixture) -> None:
+    narrow = "narrow-token-DO-NOT-LOG"
+    fake.add_token(narrow, "streamer", scopes=["channel:manage:redemptions"])
+    source = make_source(fake, settings(broadcaster_token=narrow, automod_fail="closed"))
+    async with connected(fake, source):
+        assert await source.automod_permitted(suggestion("m1"), "a castle") is False
+        assert await source.automod_permitted(suggestion("m2"), "a forest") is False
+    assert automod_requests(fake) == 0  # known from the token's validation: Twitch is not asked
+    (warning,) = automod_warnings(caplog)
+    assert "moderation:read" in warning and narrow not in caplog.text
+
+
+@pytest.mark.parametrize(("status", "mode"), [(429, "open"), (429, "closed"), (500, "closed")])
+async def test_automod_http_errors_fail_per_setting(fake: FakeTwitch, caplog: pytest.LogCaptureFixture,
+                                                    status: int, mode: str) -> None:
+    source = make_source(fake, settings(broadcaster_token=BROADCASTER_TOKEN, automod_fail=mode))
+    async with connected(fake, source):
+        fake.automod_error_status = status
+        answers = [await source.automod_permitted(suggestion(t), t) for t in ("one", "two")]
+    assert answers == [mode == "open"] * 2
+    assert len(automod_warnings(caplog)) == 1
+    # after a 429 Twitch is not asked again for a while (the limit is per minute); after a 500 it is
+    assert automod_requests(fake) == (1 if status == 429 else 2)
+
+
+async def test_automod_asks_twitch_once_per_text(fake: FakeTwitch) -> None:
+    source = make_source(fake, settings(broadcaster_token=BROADCASTER_TOKEN), automod_cache_ttl=0.3)
+    async with connected(fake, source):
+        together = await asyncio.gather(*(source.automod_permitted(suggestion(f"m{i}"), "a castle")
+                                          for i in range(3)))  # one check in flight, shared
+        assert together == [True] * 3
+        assert await source.automod_permitted(suggestion("m3"), "a castle") is True  # cached
+        assert await source.automod_permitted(suggestion("m4"), "A castle") is True  # exact text only
+        assert fake.automod_checks == ["a castle", "A castle"]
+        await asyncio.sleep(0.35)  # the cache entry expired
+        assert await source.automod_permitted(suggestion("m5"), "a castle") is True
+    assert fake.automod_checks == ["a castle", "A castle", "a castle"]
+
+
 # ----------------------------------------------------------------------------------------------- tokens
 
 

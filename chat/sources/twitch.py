@@ -15,6 +15,8 @@ What this module adds on top:
 - the shared-chat policy (`shared_chat: own` drops messages typed in the other channels);
 - badges -> roles; replies through the Send Chat Message API under a token bucket (20 per 30 s);
 - the channel-point reward (find or create, redemptions as ChatEvents, refunds);
+- `automod_permitted`: Twitch's Check AutoMod Status for a suggestion, cached per text, failing open or
+  closed (`automod_fail`) where Twitch cannot be asked;
 - redaction: client secret, tokens and refresh tokens never reach a log line or `status()`.
 
 `helix_url`/`oauth_url` move twitchio's `Route.BASE`/`Route.ID_BASE`, which are class attributes: the
@@ -39,6 +41,7 @@ import twitchio
 from twitchio.eventsub import ChannelPointsRedeemAddSubscription, ChatMessageSubscription
 from twitchio.eventsub.websockets import Websocket
 from twitchio.http import Route
+from twitchio.models.moderation import AutomodCheckMessage
 from twitchio.web import BaseAdapter
 
 from chat.events import ChatEvent, Role
@@ -53,6 +56,7 @@ log = logging.getLogger(__name__)
 READ_SCOPE = "user:read:chat"
 WRITE_SCOPE = "user:write:chat"
 REWARD_SCOPE = "channel:manage:redemptions"
+AUTOMOD_SCOPE = "moderation:read"
 MAX_MESSAGE_CHARS = 500  # Send Chat Message limit
 REWARD_PROMPT = "Describe what the stream should show"
 
@@ -331,6 +335,10 @@ class TwitchSource:
         http_timeout: float = 10.0,
         dedupe_size: int = 4096,
         queue_size: int = 10_000,
+        automod_timeout: float = 3.0,
+        automod_cache_ttl: float = 300.0,
+        automod_cache_size: int = 1024,
+        automod_backoff: float = 60.0,
     ) -> None:
         self.settings = settings
         self.name = name
@@ -364,6 +372,22 @@ class TwitchSource:
         self._reward_id: str | None = None
         self._own_replies: deque[tuple[str, float]] = deque(maxlen=64)  # (text, sent at): to spot echoes
         self._own_reply_ids = RecentIds(256)
+        self._bot_scopes: frozenset[str] = frozenset()
+        # the broadcaster's token as registered with the current client: (scopes or None, why none)
+        self._broadcaster_auth: tuple[frozenset[str] | None, str] | None = None
+        self._broadcaster_lock = asyncio.Lock()
+
+        self._automod_timeout = automod_timeout
+        self._automod_ttl = automod_cache_ttl
+        self._automod_cache_size = automod_cache_size
+        self._automod_backoff = automod_backoff
+        self._automod_cache: OrderedDict[str, tuple[bool, float]] = OrderedDict()  # text -> (permitted, at)
+        self._automod_pending: dict[str, asyncio.Task[bool]] = {}  # text -> the check in flight
+        self._automod_paused_until = 0.0  # after a 429: no request before this (monotonic)
+        self._automod_warned: set[str] = set()  # failure kinds warned about since the last good check
+        self._automod_checked = 0
+        self._automod_held = 0
+        self._automod_failed = 0
 
         self._connected = False
         self._connected_at = 0.0
@@ -465,7 +489,90 @@ class TwitchSource:
             "replies_failed": self._replies_failed,
             "replies_available": self._limiter.available(),
             "reward_id": self._reward_id,
+            "automod_checked": self._automod_checked,
+            "automod_held": self._automod_held,
+            "automod_failed": self._automod_failed,
         }
+
+    # ----- AutoMod -----
+
+    async def automod_permitted(self, event: ChatEvent, text: str) -> bool:
+        """Whether Twitch AutoMod lets `text` through in this channel (Helix Check AutoMod Status).
+
+        True: permitted; False: AutoMod would hold it. Where Twitch cannot be asked (no broadcaster token
+        with moderation:read, not connected, a timeout, an HTTP error, the rate limit), the answer is
+        `settings.automod_fail`: "open" -> True, "closed" -> False. Answers are cached per exact text
+        (`automod_cache_ttl`), and one check is in flight per text. Never raises.
+        """
+        now = time.monotonic()
+        cached = self._automod_cache.get(text)
+        if cached is not None:
+            if now - cached[1] < self._automod_ttl:
+                self._automod_cache.move_to_end(text)
+                return cached[0]
+            del self._automod_cache[text]
+        task = self._automod_pending.get(text)
+        if task is None:
+            task = asyncio.create_task(self._automod_check(event, text), name=f"{self.name}-automod")
+            self._automod_pending[text] = task
+            task.add_done_callback(lambda _, key=text: self._automod_pending.pop(key, None))
+        return await asyncio.shield(task)  # a cancelled caller leaves the check to the others
+
+    async def _automod_check(self, event: ChatEvent, text: str) -> bool:
+        if time.monotonic() < self._automod_paused_until:
+            return self._automod_fallback("rate_limited", "rate limited by Twitch")
+        client, broadcaster_id = self._client, self._broadcaster_id
+        if client is None or broadcaster_id is None:
+            return self._automod_fallback("not_connected", "not connected to Twitch")
+        try:
+            async with asyncio.timeout(self._automod_timeout):
+                scopes, problem = await self._broadcaster_token()
+                if scopes is None:
+                    return self._automod_fallback("no_token", problem)
+                if AUTOMOD_SCOPE not in scopes:
+                    return self._automod_fallback("scope", f"the broadcaster token lacks {AUTOMOD_SCOPE}")
+                msg_id = event.message_id or "1"
+                answer = await client.http.post_check_automod_status(
+                    broadcaster_id, messages=[AutomodCheckMessage(id=msg_id, text=text)],
+                    token_for=broadcaster_id)
+            results = answer["data"]
+            result = next((r for r in results if r.get("msg_id") == msg_id), results[0])
+            permitted = bool(result["is_permitted"])
+        except TimeoutError:
+            return self._automod_fallback("timeout", f"no answer within {self._automod_timeout:g} s")
+        except twitchio.HTTPException as exc:
+            if exc.status == 429:
+                self._automod_paused_until = time.monotonic() + self._automod_backoff
+                return self._automod_fallback("rate_limited", "rate limited by Twitch (HTTP 429): no check "
+                                                              f"for {self._automod_backoff:g} s")
+            kind = "refused" if exc.status in (401, 403) else "http"
+            return self._automod_fallback(kind, self._describe(exc))
+        except _SetupError as exc:  # not (or no longer) connected
+            return self._automod_fallback("setup", str(exc))
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            return self._automod_fallback("bad_answer", f"unreadable answer ({self._describe(exc)})")
+        except Exception as exc:
+            return self._automod_fallback("network", self._describe(exc))
+        self._automod_checked += 1
+        self._automod_warned.clear()  # it works (again): a new failure is worth a new warning
+        self._automod_cache[text] = (permitted, time.monotonic())
+        self._automod_cache.move_to_end(text)
+        while len(self._automod_cache) > self._automod_cache_size:
+            self._automod_cache.popitem(last=False)
+        if not permitted:
+            self._automod_held += 1
+            log.info("twitch: AutoMod would hold a suggestion of @%s", event.login)
+        return permitted
+
+    def _automod_fallback(self, kind: str, reason: str) -> bool:
+        """The answer where AutoMod could not be asked; a warning once per kind until a check works."""
+        self._automod_failed += 1
+        fail_open = self.settings.automod_fail == "open"
+        if kind not in self._automod_warned:
+            self._automod_warned.add(kind)
+            log.warning("twitch: cannot ask AutoMod (%s): suggestions %s (automod_fail: %s)", reason,
+                        "pass unchecked" if fail_open else "are held", self.settings.automod_fail)
+        return fail_open
 
     # ----- supervision -----
 
@@ -527,6 +634,7 @@ class TwitchSource:
 
     async def _start_client(self) -> None:
         settings = self.settings
+        self._broadcaster_id, self._broadcaster_auth = None, None  # until this client has logged in
         self._apply_routes()
         client = twitchio.Client(client_id=settings.client_id, client_secret=settings.client_secret,
                                  fetch_client_user=False, adapter=_NoWebAdapter())
@@ -543,6 +651,7 @@ class TwitchSource:
             if READ_SCOPE not in bot.scopes:
                 raise _SetupError(f"the user token lacks the {READ_SCOPE} scope")
             self._bot_id, self._bot_login = bot.user_id, bot.login
+            self._bot_scopes = frozenset(bot.scopes)
             self._can_write = WRITE_SCOPE in bot.scopes
             if settings.replies and not self._can_write:
                 log.warning("twitch: the user token lacks %s: replies are off", WRITE_SCOPE)
@@ -556,7 +665,7 @@ class TwitchSource:
             bot.user_id: [ChatMessageSubscription(broadcaster_user_id=broadcaster_id, user_id=bot.user_id)]}
         self._reward_id = None
         if settings.reward_title:
-            reward_id = await self._setup_reward(bot)
+            reward_id = await self._setup_reward()
             if reward_id is not None:
                 self._reward_id = reward_id
                 redemptions = ChannelPointsRedeemAddSubscription(broadcaster_user_id=broadcaster_id,
@@ -573,24 +682,49 @@ class TwitchSource:
             raise _SetupError(f"{what} is an app token; a user token is needed")
         return validated
 
-    async def _setup_reward(self, bot: Any) -> str | None:
+    async def _broadcaster_token(self) -> tuple[frozenset[str] | None, str]:
+        """The broadcaster's token, registered with the client once (for the reward and for AutoMod).
+
+        Returns its scopes, or None and why there is none. The bot's own token where the bot is the
+        broadcaster; else `broadcaster_token`, validated and registered at the first call for this client.
+        A network error raises (and the next call tries again); a wrong token is remembered.
+        """
+        client, broadcaster_id, bot_id = self._client, self._broadcaster_id, self._bot_id
+        if client is None or broadcaster_id is None or bot_id is None:
+            raise _SetupError("not connected to Twitch")
+        async with self._broadcaster_lock:
+            if self._broadcaster_auth is not None and client is self._client:
+                return self._broadcaster_auth
+            settings = self.settings
+            if bot_id == broadcaster_id:
+                found: tuple[frozenset[str] | None, str] = (self._bot_scopes, "")
+            elif not settings.broadcaster_token:
+                found = (None, "no broadcaster_token is given")
+            else:
+                try:
+                    validated = await self._add_token(settings.broadcaster_token, "", "broadcaster_token")
+                except _SetupError as exc:
+                    found = (None, str(exc))
+                else:
+                    if validated.user_id == broadcaster_id:
+                        found = (frozenset(validated.scopes), "")
+                    else:
+                        await client.remove_token(validated.user_id)
+                        if validated.user_id == bot_id:  # it replaced the bot's token: put that back
+                            await self._add_token(settings.user_token, settings.refresh_token, "user_token")
+                        found = (None, f"broadcaster_token is not #{settings.channel}'s token")
+            if client is self._client:
+                self._broadcaster_auth = found
+            return found
+
+    async def _setup_reward(self) -> str | None:
         """Find or create the prompt reward; None (with a warning) where it cannot be had."""
         settings, client, broadcaster_id = self.settings, self._client, self._broadcaster_id
         assert client is not None and broadcaster_id is not None
         try:
-            if bot.user_id == broadcaster_id:
-                scopes = bot.scopes  # the bot is the broadcaster: its own (refreshable) token is used
-            elif settings.broadcaster_token:
-                validated = await self._add_token(settings.broadcaster_token, "", "broadcaster_token")
-                if validated.user_id != broadcaster_id:
-                    await client.remove_token(validated.user_id)
-                    if validated.user_id == bot.user_id:  # it replaced the bot's token: put that back
-                        await self._add_token(settings.user_token, settings.refresh_token, "user_token")
-                    log.warning("twitch: broadcaster_token is not #%s's token: no reward", settings.channel)
-                    return None
-                scopes = validated.scopes
-            else:
-                log.warning("twitch: reward_title is set but no broadcaster_token is given: no reward")
+            scopes, problem = await self._broadcaster_token()
+            if scopes is None:
+                log.warning("twitch: reward_title is set but %s: no reward", problem)
                 return None
             if REWARD_SCOPE not in scopes:
                 log.warning("twitch: the broadcaster token lacks %s: no reward", REWARD_SCOPE)
@@ -648,6 +782,7 @@ class TwitchSource:
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
+        self._broadcaster_id, self._broadcaster_auth = None, None
         self._sockets.clear()
         self._groups = {}
         if client is not None:
