@@ -103,6 +103,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         print(bench_chat(redis_url=args.redis))
         return 0
+    if args.what == "webrtc":
+        from broadcaster.bench_webrtc import bench_webrtc
+
+        print(bench_webrtc(viewers=[int(n) for n in args.viewers.split(",")], seconds=args.seconds))
+        return 0
     import torch
 
     from engine.bench import bench_engine
@@ -164,9 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     check_w.set_defaults(func=cmd_check_weights)
 
     bench = sub.add_parser("bench", help="measure speed")
-    bench.add_argument("what", choices=["output", "engine", "chat"])
+    bench.add_argument("what", choices=["output", "engine", "chat", "webrtc"])
     bench.add_argument("--redis", default=None, help="chat: a Redis URL (default: the in-process store)")
     bench.add_argument("--frames", type=int, default=320, help="output: frames per configuration")
+    bench.add_argument("--viewers", default="0,1,5,10", help="webrtc: WHEP viewer counts, comma-separated")
+    bench.add_argument("--seconds", type=float, default=10.0, help="webrtc: measured seconds per count")
     bench.add_argument("--size", choices=["tiny", "small", "1.3b"], default="tiny", help="engine: preset")
     bench.add_argument("--blocks", type=int, default=8, help="engine: blocks to generate")
     bench.add_argument("--steps", type=int, choices=[1, 2, 3, 4], default=4, help="engine: denoising steps")

@@ -12,12 +12,13 @@ import av
 import numpy as np
 
 from broadcaster.audio import CHANNELS, SAMPLE_RATE, open_audio
-from broadcaster.packets import AUDIO, VIDEO, EncodedPacket
+from broadcaster.packets import AUDIO, OPUS, VIDEO, EncodedPacket
 from broadcaster.settings import EncoderSettings
 
 log = logging.getLogger(__name__)
 
 AAC_FRAME = 1024
+OPUS_FRAME = 960  # 20 ms at 48 kHz, what WebRTC peers expect
 
 
 def frame_rate(fps: float) -> Fraction:
@@ -103,6 +104,11 @@ class StreamEncoder:
         self.audio_time_base = Fraction(1, SAMPLE_RATE)
         self._audio = open_audio(settings.audio)
         self._audio_samples = 0
+        # Opus (WebRTC) runs only while a consumer wants it; fed the very samples AAC gets.
+        self._opus_owners: set[str] = set()
+        self._opus: av.AudioCodecContext | None = None
+        self._opus_pending = np.zeros((CHANNELS, 0), np.float32)
+        self._opus_samples = 0
         self.last_encode_seconds = 0.0
         log.info(
             "encoder: %s %dx%d @ %s fps, %d kbit/s CBR, keyframe every %d frames; AAC %d kbit/s (%s)",
@@ -144,14 +150,72 @@ class StreamEncoder:
         frame.time_base = self.video_time_base
         out = [self._wrap(p, VIDEO) for p in self._streams.video.encode(frame)]
         due = int((index + 1) * SAMPLE_RATE / self.rate)
+        if bool(self._opus_owners) != (self._opus is not None):
+            self._switch_opus(bool(self._opus_owners))
         while self._audio_samples + AAC_FRAME <= due:
-            audio = av.AudioFrame.from_ndarray(self._audio.read(AAC_FRAME), format="fltp", layout="stereo")
+            samples = self._audio.read(AAC_FRAME)
+            audio = av.AudioFrame.from_ndarray(samples, format="fltp", layout="stereo")
             audio.sample_rate = SAMPLE_RATE
             audio.pts = self._audio_samples
             audio.time_base = self.audio_time_base
             self._audio_samples += AAC_FRAME
             out += [self._wrap(p, AUDIO) for p in self._streams.audio.encode(audio)]
+            if self._opus is not None:
+                out += self._encode_opus(samples)
         self.last_encode_seconds = time.perf_counter() - started
+        return out
+
+    def want_opus(self, owner: str, wanted: bool) -> None:
+        """Start (first owner) or stop (last owner gone) the Opus encode; applied at the next frame.
+
+        Opus packets (stream `OPUS`, time base 1/48000, 20 ms each) carry timestamps on the
+        same sample clock as the AAC packets, so they line up with the video wherever they start.
+        """
+        if wanted:
+            self._opus_owners.add(owner)
+        else:
+            self._opus_owners.discard(owner)
+
+    @property
+    def opus_enabled(self) -> bool:
+        """Whether Opus packets are being produced."""
+        return self._opus is not None
+
+    @property
+    def video_headers(self) -> bytes:
+        """SPS/PPS as Annex-B (the encoder's extradata once open), or b"" if not known yet."""
+        extradata = self._streams.video.codec_context.extradata or b""
+        return bytes(extradata) if extradata.startswith((b"\x00\x00\x01", b"\x00\x00\x00\x01")) else b""
+
+    def _switch_opus(self, on: bool) -> None:
+        if not on:
+            self._opus, self._opus_pending = None, np.zeros((CHANNELS, 0), np.float32)
+            log.info("encoder: Opus stopped (no WebRTC consumer)")
+            return
+        opus = av.CodecContext.create("libopus", "w")
+        opus.sample_rate, opus.layout, opus.format = SAMPLE_RATE, "stereo", "flt"
+        opus.bit_rate = min(510, self.settings.audio_bitrate_kbps) * 1000
+        opus.time_base = self.audio_time_base
+        opus.options = {"application": "audio", "frame_duration": "20"}
+        self._opus = opus
+        self._opus_samples = self._audio_samples  # the next sample read, on the AAC clock
+        log.info("encoder: Opus started (48 kHz stereo, 20 ms, %d kbit/s)", opus.bit_rate // 1000)
+
+    def _encode_opus(self, samples: np.ndarray) -> list[EncodedPacket]:
+        """Re-chunk planar AAC-sized blocks into 20 ms interleaved frames for libopus."""
+        assert self._opus is not None
+        self._opus_pending = np.concatenate([self._opus_pending, samples], axis=1)
+        out: list[EncodedPacket] = []
+        while self._opus_pending.shape[1] >= OPUS_FRAME:
+            chunk = self._opus_pending[:, :OPUS_FRAME]
+            self._opus_pending = self._opus_pending[:, OPUS_FRAME:]
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk.T).reshape(1, -1), format="flt",
+                                               layout="stereo")
+            frame.sample_rate = SAMPLE_RATE
+            frame.pts = self._opus_samples
+            frame.time_base = self.audio_time_base
+            self._opus_samples += OPUS_FRAME
+            out += [self._wrap(p, OPUS) for p in self._opus.encode(frame)]
         return out
 
     @staticmethod

@@ -54,6 +54,7 @@ class Pacer:
         self.ring = ring
         self.encoder = encoder
         self.sinks = list(sinks)
+        self.frame_sinks: list[Callable[[np.ndarray], None]] = []  # raw frames (virtual camera)
         self.metrics = metrics
         self.switches = switches
         self.out_fps = float(encoder.rate)
@@ -85,6 +86,8 @@ class Pacer:
             self.metrics.frames_repeated.inc()
         # A late engine's debt is forgiven: catching up later would mean skipping frames.
         self._consumed = due
+        for frame_sink in self.frame_sinks:
+            frame_sink(self.frame)
         packets = self.encoder.encode(self.frame, index)
         self.metrics.encode_seconds.observe(self.encoder.last_encode_seconds)
         self.switches.frame_encoded(self._seq)

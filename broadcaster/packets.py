@@ -6,7 +6,8 @@ import struct
 from dataclasses import dataclass
 
 VIDEO = 0
-AUDIO = 1
+AUDIO = 1  # AAC, for the muxers
+OPUS = 2  # Opus, for WebRTC (WHEP/WHIP); only encoded while something consumes it
 
 _HEADER = struct.Struct("<BBqqq")  # stream, keyframe, pts, dts, duration
 _FLAG_KEY = 1

@@ -21,6 +21,7 @@ from broadcaster.settings import HlsOutputSettings, Settings, output_name
 from broadcaster.steering_runtime import SteeringRuntime, open_store
 from broadcaster.supervisor import EngineSupervisor
 from broadcaster.switches import SwitchTracker
+from broadcaster.webrtc import WhepHub
 from engine.backends import choose_backend
 from engine.ring import FrameRing
 
@@ -59,6 +60,7 @@ class Service:
         self.http_port: int | None = None
         self.store = None
         self.steering: SteeringRuntime | None = None
+        self.whep: WhepHub | None = None
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown."""
@@ -73,6 +75,7 @@ class Service:
             "pacer": pacer,
             "engine": self.supervisor.status() if self.supervisor else {},
             "outputs": {o.name: o.status() for o in self.outputs},
+            "whep": self.whep.status() if self.whep else {},
         }
 
     async def state(self) -> dict:
@@ -100,15 +103,18 @@ class Service:
         runner: web.AppRunner | None = None
         try:
             self.outputs = build_outputs(s, encoder, self.metrics)
+            self.whep = WhepHub(s.server, encoder, self.metrics)
             self.supervisor = EngineSupervisor(s.engine, backend, ring, self.metrics, self.switches)
             self.store = open_store(s.store, s.channel)
             self.steering = SteeringRuntime(s.chat, self.store, self.supervisor, self.switches, self.metrics)
-            self.pacer = Pacer(ring, encoder, [o.submit for o in self.outputs], self.metrics, self.switches,
-                               s.engine.fps)
+            self.pacer = Pacer(ring, encoder, [o.submit for o in self.outputs] + [self.whep.submit],
+                               self.metrics, self.switches, s.engine.fps)
             hls = next((o for o in s.outputs if isinstance(o, HlsOutputSettings)), None)
             app = make_app(metrics=self.metrics, health=self.health, state=self.state,
                            steering=self.steering, api_token=api_token(s),
-                           hls_dir=hls.dir if hls else None)
+                           hls_dir=hls.dir if hls else None, cors_origins=s.server.cors_origins)
+            self.pacer.frame_sinks += [o.submit_frame for o in self.outputs if hasattr(o, "submit_frame")]
+            self.whep.add_routes(app)  # POST /whep, PATCH/DELETE /whep/<id>
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, s.server.host, s.server.port)

@@ -100,9 +100,55 @@ class RecordOutputSettings(_OutputBase):
     format: Literal["mp4", "mkv"] = "mp4"
 
 
+class WhipOutputSettings(_OutputBase):
+    """Push the same H.264 (+ Opus) over WebRTC to a WHIP ingest (an SFU, a media server, OBS's peers)."""
+
+    kind: Literal["whip"]
+    url: str
+    bearer_token: str | None = Field(None, description="sent as 'Authorization: Bearer ...' on POST/DELETE")
+    connect_timeout_s: float = Field(10.0, gt=0, description="ICE + DTLS must connect within this")
+    watchdog_seconds: float = Field(
+        10.0, gt=0, description="no RTCP receiver report from the ingest this long -> reconnect")
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, url: str) -> str:
+        return _check_url(url, ("http", "https"))
+
+
+class VirtualCamOutputSettings(_OutputBase):
+    """A v4l2loopback webcam (needs `pip install promptcast[virtualcam]` and the kernel module)."""
+
+    kind: Literal["virtualcam"]
+    device: str | None = Field(None, pattern=r"^/dev/video[0-9]+$", description="default: the first loopback")
+
+
 OutputSettings = Annotated[
-    RtmpOutputSettings | HlsOutputSettings | RecordOutputSettings, Field(discriminator="kind")
+    RtmpOutputSettings | HlsOutputSettings | RecordOutputSettings | WhipOutputSettings
+    | VirtualCamOutputSettings,
+    Field(discriminator="kind"),
 ]
+
+
+class IceServerSettings(_Strict):
+    """A STUN or TURN server handed to every WebRTC peer connection (WHEP viewers, WHIP pushes)."""
+
+    urls: str | list[str] = Field(description="stun:host:port, turn:host:port?transport=udp|tcp, turns:...")
+    username: str | None = None
+    credential: str | None = None
+
+    @field_validator("urls")
+    @classmethod
+    def _ice_scheme(cls, urls: str | list[str]) -> str | list[str]:
+        for url in [urls] if isinstance(urls, str) else urls:
+            if url.split(":", 1)[0] not in ("stun", "stuns", "turn", "turns"):
+                raise ValueError(f"'{url}' is not a stun:, stuns:, turn: or turns: URL")
+        return urls
+
+
+_ORIGIN = re.compile(r"https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(?::\d{1,5})?")
 
 
 class ServerSettings(_Strict):
@@ -114,6 +160,25 @@ class ServerSettings(_Strict):
         Path("./out/api-token"),
         description="where a generated control-API token is kept when PROMPTCAST_API_TOKEN is unset",
     )
+    whep_max_viewers: int = Field(
+        10, ge=0, le=1000, description="concurrent WHEP viewers; more get 503 (0 turns WHEP viewing off)")
+    ice_servers: list[IceServerSettings] = Field(
+        default_factory=list, description="STUN/TURN for WebRTC; none: host candidates only (LAN, localhost)")
+    ice_loopback: bool = Field(
+        False, description="also offer 127.0.0.1 as an ICE candidate (same-machine tests and demos only)")
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="web origins (https://host[:port]) whose pages may call this server; '*' for any; "
+                    "empty: none (CORS closed)",
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"'{origin}' is not an origin: scheme://host[:port], no path, or '*'")
+        return origins
 
 
 class ScheduleSettings(_Strict):

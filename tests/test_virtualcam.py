@@ -58,3 +58,18 @@ async def test_an_unavailable_camera_skips_cleanly_and_reports_why(tmp_path):
 @pytest.mark.skipif(not virtualcam.loopback_devices(), reason="no v4l2loopback device on this machine")
 def test_a_real_loopback_device_is_found():
     assert virtualcam.loopback_devices()[0].startswith("/dev/video")
+
+
+@pytest.mark.servers
+def test_a_channel_with_an_unusable_virtual_camera_streams_on_and_says_why(tmp_path):
+    from tests.channel import Channel, frames_output, small_channel
+    from tests.servers import wait_until
+
+    config = small_channel(tmp_path, [{"kind": "virtualcam", "name": "cam"},
+                                      {"kind": "hls", "dir": str(tmp_path / "hls")}])
+    with Channel(tmp_path, config) as channel:
+        before = frames_output(channel)
+        wait_until(lambda: frames_output(channel) > before + 16, 10)
+        cam = channel.health()["outputs"]["cam"]
+    expected_reason = virtualcam.availability(None)[1]
+    assert cam["available"] is (expected_reason == "") and cam["reason"] == expected_reason

@@ -7,12 +7,16 @@ from broadcaster.encoder import StreamEncoder
 from broadcaster.metrics import Metrics
 from broadcaster.outputs.muxer_output import MuxerOutput
 from broadcaster.outputs.muxer_process import MuxTarget
+from broadcaster.outputs.virtualcam import VirtualCamOutput
+from broadcaster.outputs.whip import WhipOutput
 from broadcaster.settings import (
     HlsOutputSettings,
     OutputSettings,
     RecordOutputSettings,
     RtmpOutputSettings,
     Settings,
+    VirtualCamOutputSettings,
+    WhipOutputSettings,
     output_name,
 )
 
@@ -57,11 +61,20 @@ def mux_target(output: OutputSettings, name: str, channel: str, keyframe_seconds
     raise TypeError(f"no muxer for output kind {output.kind!r}")
 
 
-def build_outputs(settings: Settings, encoder: StreamEncoder, metrics: Metrics) -> list[MuxerOutput]:
-    """One supervised muxer per configured output."""
-    outputs = []
+def build_outputs(settings: Settings, encoder: StreamEncoder,
+                  metrics: Metrics) -> list[MuxerOutput | WhipOutput | VirtualCamOutput]:
+    """One supervised muxer per configured output; a WebRTC session for `kind: whip`."""
+    outputs: list[MuxerOutput | WhipOutput | VirtualCamOutput] = []
     for index, output in enumerate(settings.outputs):
         name = output_name(output, index)
+        if isinstance(output, WhipOutputSettings):
+            outputs.append(WhipOutput(name, output, encoder, metrics, settings.server.ice_servers))
+            continue
+        if isinstance(output, VirtualCamOutputSettings):
+            engine = settings.engine
+            outputs.append(VirtualCamOutput(name, output.device, engine.width, engine.height, engine.fps,
+                                            metrics))
+            continue
         target = mux_target(output, name, settings.channel, settings.encoder.keyframe_seconds)
         if isinstance(output, RtmpOutputSettings):
             watchdog = output.watchdog_seconds

@@ -22,7 +22,7 @@ from broadcaster.outputs.muxer_process import (
     MuxTarget,
     run_muxer,
 )
-from broadcaster.packets import VIDEO, EncodedPacket
+from broadcaster.packets import AUDIO, VIDEO, EncodedPacket
 from broadcaster.redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ class MuxerOutput:
 
     def submit(self, packet: EncodedPacket) -> None:
         """Queue a packet without ever blocking the caller; a backlog drops up to the next keyframe."""
-        if not self._accepting:
-            return
+        if not self._accepting or packet.stream not in (VIDEO, AUDIO):
+            return  # e.g. Opus for WebRTC: the muxers carry H.264 + AAC only
         if self._need_keyframe:
             if packet.stream != VIDEO or not packet.keyframe:
                 return

@@ -128,6 +128,8 @@ def run_muxer(target: MuxTarget, template: bytes, time_bases: tuple[Fraction, Fr
             if raw == CLOSE:
                 break
             packet = EncodedPacket.from_bytes(raw)
+            if packet.stream >= len(time_bases):
+                continue  # a stream this container does not carry (Opus is for WebRTC)
             tb = time_bases[packet.stream]
             if (
                 target.rotate_seconds
