@@ -276,9 +276,8 @@ class Api:
         self._health = health
         self._state = state
         self._steering = steering
-        chat = getattr(steering.steering, "settings", None)
+        self._chat = getattr(steering.steering, "settings", None)  # vote rules and command names
         self.feed = StateFeed(self._public_state)
-        self._chat = chat
         self._document = json.dumps(document(tuple(routes)), indent=1).encode()
 
     async def _public_state(self) -> dict:

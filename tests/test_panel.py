@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +37,7 @@ VIEWPORT = {"width": 1280, "height": 720}
 # From the POST's answer to the overlay's DOM: the event stream reads steering 4x a second and
 # at once after an API call.
 OVERLAY_DEADLINE_MS = 500
+VIDEO_PLAYS = "() => document.getElementById('preview-video').videoWidth > 0"
 COUNTDOWN = re.compile(r"^0:[0-3]\d$")
 
 
@@ -72,6 +74,7 @@ def new_page(browser):
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda error: errors.append(error))
+        page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
         return page
 
     yield make
@@ -142,11 +145,13 @@ def test_the_panel_asks_for_the_token_then_shows_what_is_on_air(channel, new_pag
     expect(page.locator("#outputs tr[data-output='hls-0'] td").nth(2)).to_have_text("yes")
 
 
-def test_the_panel_preview_plays_over_whep(channel, new_page):
-    page = new_page(TOKEN)
-    page.goto(channel.url("/"))
-    page.wait_for_function("() => document.getElementById('preview-video').videoWidth > 0", timeout=20_000)
+def test_the_preview_plays_over_whep(channel, new_page):
+    page = new_page()  # the preview-only view (an OBS Browser Source) asks for no token
+    page.goto(channel.url("/?view=preview"))
+    page.wait_for_function(VIDEO_PLAYS, timeout=20_000)
     expect(page.locator("#preview-status")).to_have_text("")
+    expect(page.locator("#token-dialog")).to_be_hidden()
+    expect(page.locator("#prompt-form")).to_be_hidden()
 
 
 def test_the_panel_says_preview_unavailable_without_whep(channel, new_page):
@@ -220,9 +225,34 @@ def test_the_poll_overlay_shows_a_chat_vote_at_once(channel, new_page):
         panel = new_page(TOKEN)
         panel.goto(channel.url("/"))
         expect(panel.locator("#round-options li")).to_have_count(2)
-        panel.wait_for_function("() => document.getElementById('preview-video').videoWidth > 0", timeout=20_000)
+        panel.wait_for_function(VIDEO_PLAYS, timeout=20_000)
         panel.wait_for_timeout(600)
         _doc_shot("panel.png", panel.screenshot(full_page=True))
+
+
+def test_the_poll_overlay_names_the_winner_in_the_chosen_theme(channel, new_page):
+    state = {"channel": "test", "mode": "vote", "paused": False, "queue": [], "pool_size": 0, "pool_rev": "",
+             "vote_command": "!v", "server_time": time.time(), "now_playing": None,
+             "round": {"id": "7", "closed": True, "closes_at": time.time() - 1, "total_votes": 5, "options": [
+                 {"n": 1, "text": "a red fox", "by": "alice", "votes": 2, "vetoed": False},
+                 {"n": 2, "text": "a blue whale", "by": "bob", "votes": 3, "vetoed": False}],
+                 "winner": {"n": 2, "text": "a blue whale", "by": "bob", "votes": 3, "vetoed": False}}}
+    overlay = new_page()
+    overlay.route("**/events", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream",
+        body=f"retry: 60000\nevent: state\ndata: {json.dumps(state)}\n\n"))
+    overlay.goto(channel.url("/overlay/poll?theme=light&position=top&accent=%2300aaff&scale=0.8"))
+    expect(overlay.locator("#winner")).to_be_visible()
+    expect(overlay.locator("#winner-text")).to_have_text("a blue whale")
+    expect(overlay.locator("#winner-by")).to_have_text("chosen by @bob")
+    expect(overlay.locator("#countdown")).to_have_text("closed")
+    expect(overlay.locator("#hint")).to_have_text("type !v 1–2 in chat")
+    expect(overlay.locator('#options li[data-n="2"]')).to_have_class(re.compile(r"\bwon\b"))
+    root = "getComputedStyle(document.documentElement).getPropertyValue"
+    assert overlay.evaluate(f"{root}('--accent')") == "#00aaff"
+    assert overlay.evaluate("document.documentElement.dataset.theme") == "light"
+    box = overlay.locator("#poll").bounding_box()
+    assert box["y"] < VIEWPORT["height"] / 2  # position=top
 
 
 def test_the_now_overlay_shows_the_prompt_on_air(channel, new_page):
@@ -249,3 +279,12 @@ def test_overlays_and_events_need_no_token_but_the_api_does(channel):
     assert b"retry: 2000" in head
     status, body = _request(channel, "/api/state", token=None)
     assert status == 401 and b"bearer token" in body
+
+
+def test_the_shipped_nginx_rtmp_config_is_valid():
+    if shutil.which("nginx") is None or not Path("/usr/lib/nginx/modules/ngx_rtmp_module.so").exists():
+        pytest.skip("nginx with libnginx-mod-rtmp is not installed")
+    conf = Path(__file__).resolve().parent.parent / "config" / "nginx-rtmp.conf"
+    check = subprocess.run(["nginx", "-t", "-e", "stderr", "-c", str(conf)], capture_output=True, text=True,
+                           timeout=30)
+    assert check.returncode == 0, check.stderr

@@ -4,6 +4,7 @@
 // GET /api/state (the pool, with the token). Acts: POST /api/{prompt,skip,veto,pause,resume,
 // approve,ban} with `Authorization: Bearer <token>`; the token is asked for once and kept in
 // localStorage. Preview: WHEP (POST /whep with an SDP offer) into the <video>.
+// Query: ?view=preview (the preview alone, no token asked), ?preview=off, ?audio=off (preview view).
 
 const TOKEN_KEY = "promptcast.apiToken";
 const HEALTH_EVERY_MS = 2000;
@@ -436,7 +437,16 @@ async function startPreview() {
   pc.addEventListener("track", (event) => {
     const video = $("preview-video");
     const stream = event.streams[0] || new MediaStream([event.track]);
-    if (video.srcObject !== stream) video.srcObject = stream;
+    if (video.srcObject === stream) return;
+    video.srcObject = stream;
+    if (previewOnly && params.get("audio") !== "off") {
+      // OBS's browser may play sound by itself; a normal tab refuses until clicked: stay muted there.
+      video.muted = false;
+      video.play().catch(() => {
+        video.muted = true;
+        video.play().catch(() => {});
+      });
+    }
   });
   pc.addEventListener("connectionstatechange", () => {
     if (pc !== preview.pc) return;
