@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from broadcaster.encoder import StreamEncoder
+from broadcaster.lower_third import LowerThird
 from broadcaster.metrics import Metrics
 from broadcaster.packets import EncodedPacket
 from broadcaster.switches import SwitchTracker
@@ -55,6 +56,7 @@ class Pacer:
         self.encoder = encoder
         self.sinks = list(sinks)
         self.frame_sinks: list[Callable[[np.ndarray], None]] = []  # raw frames (virtual camera)
+        self.lower_third = LowerThird(ring.width, ring.height) if encoder.settings.burn_in_prompt else None
         self.metrics = metrics
         self.switches = switches
         self.out_fps = float(encoder.rate)
@@ -88,7 +90,10 @@ class Pacer:
         self._consumed = due
         for frame_sink in self.frame_sinks:
             frame_sink(self.frame)
-        packets = self.encoder.encode(self.frame, index)
+        frame = self.frame
+        if self.lower_third is not None:
+            frame = self.lower_third.apply(frame, self.switches.prompt_for(self._seq))
+        packets = self.encoder.encode(frame, index)
         self.metrics.encode_seconds.observe(self.encoder.last_encode_seconds)
         self.switches.frame_encoded(self._seq)
         for packet in packets:

@@ -39,6 +39,8 @@ class EncoderSettings(_Strict):
     threads: int = Field(0, ge=0, le=64, description="x264 threads; 0 = automatic")
     audio: str = Field("silent", description="'silent' or the path of an audio file played in a loop")
     audio_bitrate_kbps: int = Field(128, ge=32, le=512)
+    burn_in_prompt: bool = Field(
+        False, description="draw the on-air prompt as a lower third into the video (RTMP-only channels)")
 
     @model_validator(mode="after")
     def _even_size(self) -> EncoderSettings:

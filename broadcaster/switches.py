@@ -27,6 +27,12 @@ class SwitchTracker:
         with self._lock:
             self._decided[seq] = (self.clock(), prompt)
 
+    def prompt_for(self, seq: int) -> str:
+        """The prompt of switch `seq` (decided, or already on air)."""
+        with self._lock:
+            decided = self._decided.get(seq)
+        return decided[1] if decided else self.on_air_prompt
+
     def frame_encoded(self, seq: int) -> None:
         """A frame generated under switch `seq` just left the encoder."""
         if seq <= self.on_air_seq:
