@@ -8,7 +8,6 @@ import multiprocessing as mp
 import queue
 import threading
 import time
-from collections import deque
 from fractions import Fraction
 
 from broadcaster.backoff import Backoff
@@ -22,6 +21,7 @@ from broadcaster.outputs.muxer_process import (
     MuxTarget,
     run_muxer,
 )
+from broadcaster.outputs.rate import ByteRate
 from broadcaster.packets import AUDIO, VIDEO, EncodedPacket
 from broadcaster.redact import redact_url
 
@@ -62,7 +62,7 @@ class MuxerOutput:
         self.watchdog_kills = 0
         self.last_error = ""
         self.files: list[str] = []
-        self._rates: deque[tuple[float, float]] = deque(maxlen=20)
+        self._rate = ByteRate()
         self._heartbeat = None
         self.metrics.output_connected.labels(self.name).set(0)
         self.metrics.output_reconnects.labels(self.name)
@@ -218,15 +218,12 @@ class MuxerOutput:
 
     def _sample_rate(self) -> None:
         if self._heartbeat is not None:
-            self._rates.append((time.monotonic(), self._heartbeat[BYTES]))
+            self._rate.sample(time.monotonic(), self._heartbeat[BYTES])
 
     @property
     def bitrate_kbps(self) -> float:
         """Bytes written over the last couple of seconds, as kbit/s."""
-        if len(self._rates) < 2 or not self.connected:
-            return 0.0
-        (t0, b0), (t1, b1) = self._rates[0], self._rates[-1]
-        return (b1 - b0) * 8 / 1000 / (t1 - t0) if t1 > t0 else 0.0
+        return self._rate.kbps() if self.connected else 0.0
 
     def status(self) -> dict:
         """Status for /healthz and the panel."""

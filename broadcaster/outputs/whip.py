@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from urllib.parse import urljoin
 
 import aiohttp
@@ -23,6 +22,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from broadcaster.backoff import Backoff
 from broadcaster.metrics import Metrics
+from broadcaster.outputs.rate import ByteRate
 from broadcaster.packets import OPUS, VIDEO, EncodedPacket
 from broadcaster.redact import redact_url
 from broadcaster.settings import IceServerSettings, WhipOutputSettings
@@ -71,7 +71,7 @@ class WhipOutput:
         self._past_packets = 0  # packets and bytes sent by earlier sessions
         self._past_bytes = 0
         self._report_age: float | None = None
-        self._rates: deque[tuple[float, int]] = deque(maxlen=20)
+        self._rate = ByteRate()
         self.metrics.output_connected.labels(name).set(0)
         self.metrics.output_reconnects.labels(name)
         self.metrics.output_watchdog_kills.labels(name)
@@ -203,7 +203,7 @@ class WhipOutput:
                 raise WhipError(f"ICE/DTLS connection {pc.connectionState}")
             now = time.monotonic()
             self.packets = self._past_packets + video.packets + audio.packets
-            self._rates.append((now, self._past_bytes + video.bytes + audio.bytes))
+            self._rate.sample(now, self._past_bytes + video.bytes + audio.bytes)
             if now >= next_check:
                 next_check = now + 0.5
                 self._report_age = age = await last_report_age(pc)
@@ -231,10 +231,7 @@ class WhipOutput:
     @property
     def bitrate_kbps(self) -> float:
         """Bytes handed to RTP over the last couple of seconds, as kbit/s."""
-        if len(self._rates) < 2 or not self.connected:
-            return 0.0
-        (t0, b0), (t1, b1) = self._rates[0], self._rates[-1]
-        return (b1 - b0) * 8 / 1000 / (t1 - t0) if t1 > t0 else 0.0
+        return self._rate.kbps() if self.connected else 0.0
 
     def status(self) -> dict:
         """Status for /healthz and the panel (the MuxerOutput shape)."""
