@@ -69,14 +69,20 @@ class _OutputBase(_Strict):
     )
 
 
-class RtmpOutputSettings(_OutputBase):
+class _NetworkOutput(_OutputBase):
+    """An output to a server: watched for progress and reconnected with backoff."""
+
+    watchdog_seconds: float = Field(
+        10.0, gt=0, description="no progress (RTMP: writes; WHIP: RTCP reports) this long -> reconnect")
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
+class RtmpOutputSettings(_NetworkOutput):
     """Push to an RTMP(S) ingest (Twitch, YouTube, a local nginx-rtmp)."""
 
     kind: Literal["rtmp"]
     url: str
-    watchdog_seconds: float = Field(10.0, gt=0, description="no progress this long -> kill the muxer")
-    reconnect_min_s: float = Field(1.0, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
 
     @field_validator("url")
     @classmethod
@@ -102,17 +108,13 @@ class RecordOutputSettings(_OutputBase):
     format: Literal["mp4", "mkv"] = "mp4"
 
 
-class WhipOutputSettings(_OutputBase):
+class WhipOutputSettings(_NetworkOutput):
     """Push the same H.264 (+ Opus) over WebRTC to a WHIP ingest (an SFU, a media server, OBS's peers)."""
 
     kind: Literal["whip"]
     url: str
     bearer_token: str | None = Field(None, description="sent as 'Authorization: Bearer ...' on POST/DELETE")
     connect_timeout_s: float = Field(10.0, gt=0, description="ICE + DTLS must connect within this")
-    watchdog_seconds: float = Field(
-        10.0, gt=0, description="no RTCP receiver report from the ingest this long -> reconnect")
-    reconnect_min_s: float = Field(1.0, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
 
     @field_validator("url")
     @classmethod
