@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     try:
-        asyncio.run(Service(settings).run())
+        asyncio.run(Service(settings, config_path=args.config).run())
     except BackendUnavailable as exc:
         print(f"{args.config or '<default>'}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -103,6 +103,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         print(bench_chat(redis_url=args.redis))
         return 0
+    if args.what == "soak":
+        from broadcaster.bench_soak import bench_soak
+
+        print(bench_soak(minutes=args.minutes, config=args.config, rtmp=args.rtmp,
+                         planned_reconnect_s=args.planned_reconnect_seconds, sample_s=args.sample_seconds,
+                         switch_s=args.switch_seconds, out_dir=args.out))
+        return 0
     if args.what == "webrtc":
         from broadcaster.bench_webrtc import bench_webrtc
 
@@ -139,6 +146,29 @@ def cmd_check_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chapters(args: argparse.Namespace) -> int:
+    """Chapters for a VOD from a recording's prompt timeline."""
+    from broadcaster.timeline import ffmetadata_chapters, read_timeline, youtube_chapters
+
+    try:
+        chapters = read_timeline(args.timeline)
+    except OSError as exc:
+        print(f"{args.timeline}: cannot read: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+    if args.format == "youtube":
+        sys.stdout.write(youtube_chapters(chapters, min_seconds=args.min_seconds))
+    elif args.format == "ffmetadata":
+        sys.stdout.write(ffmetadata_chapters(chapters, duration_s=args.duration))
+    else:
+        listing = [{"start_s": c.start_s, "title": c.title} for c in chapters]
+        json.dump(listing, sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     parser = argparse.ArgumentParser(prog="promptcast", description=__doc__)
@@ -160,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--token-file", default="./out/api-token")
     prompt.set_defaults(func=cmd_prompt)
 
+    chapters = sub.add_parser("chapters", help="chapters for a VOD from a recording's .timeline.jsonl")
+    chapters.add_argument("timeline", help="the <recording>.timeline.jsonl written beside a recording")
+    chapters.add_argument("--format", choices=["youtube", "ffmetadata", "json"], default="youtube",
+                          help="youtube: '00:00 title' lines; ffmetadata: for ffmpeg -map_metadata")
+    chapters.add_argument("--min-seconds", type=float, default=10.0,
+                          help="youtube: drop chapters shorter than this (YouTube's minimum is 10 s)")
+    chapters.add_argument("--duration", type=float, default=None, help="ffmetadata: the recording's length")
+    chapters.set_defaults(func=cmd_chapters)
+
     download = sub.add_parser("download-weights", help="fetch LongLive + Wan2.1 weights (resumable)")
     download.add_argument("--dir", default="./weights")
     download.set_defaults(func=cmd_download_weights)
@@ -169,7 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     check_w.set_defaults(func=cmd_check_weights)
 
     bench = sub.add_parser("bench", help="measure speed")
-    bench.add_argument("what", choices=["output", "engine", "chat", "webrtc"])
+    bench.add_argument("what", choices=["output", "engine", "chat", "webrtc", "soak"])
+    bench.add_argument("--minutes", type=float, default=10.0, help="soak: how long to run")
+    bench.add_argument("--config", default=None,
+                       help="soak: a channel file (default: the demo, preview engine)")
+    bench.add_argument("--rtmp", default=None, help="soak: also push to this RTMP URL")
+    bench.add_argument("--planned-reconnect-seconds", type=float, default=None,
+                       help="soak: planned RTMP reconnect interval (exercises the 48 h-cap reconnect)")
+    bench.add_argument("--sample-seconds", type=float, default=10.0, help="soak: sampling interval")
+    bench.add_argument("--switch-seconds", type=float, default=30.0, help="soak: prompt switch interval")
+    bench.add_argument("--out", default=None, help="soak: directory for outputs and the samples CSV")
     bench.add_argument("--redis", default=None, help="chat: a Redis URL (default: the in-process store)")
     bench.add_argument("--frames", type=int, default=320, help="output: frames per configuration")
     bench.add_argument("--viewers", default="0,1,5,10", help="webrtc: WHEP viewer counts, comma-separated")

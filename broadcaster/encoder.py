@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
-import os
 import time
 from fractions import Fraction
 
@@ -30,7 +30,8 @@ def choose_codec(setting: str) -> str:
     """`auto` takes NVENC where an NVIDIA device exists, else libx264."""
     if setting != "auto":
         return setting
-    return "h264_nvenc" if os.path.exists("/dev/nvidia0") else "libx264"
+    # A container given host GPU 2 sees /dev/nvidia2, not /dev/nvidia0.
+    return "h264_nvenc" if glob.glob("/dev/nvidia[0-9]*") else "libx264"
 
 
 class _Streams:

@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -92,6 +92,16 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/approve", "approve", "manual mode: queue a pool suggestion", body="ApproveRequest",
           errors={404: "no such suggestion in the pool"}),
     Route("POST", "/api/ban", "ban", "ban a prompt text (and drop matching pool entries)", body="BanRequest"),
+    # operations: the programme and the engine
+    Route("GET", "/api/schedule", "schedule", "the programme now: window, playlist, prompt, autopilot",
+          reply=Reply(description="the programme", schema="Schedule")),
+    Route("POST", "/api/schedule/reload", "schedule_reload",
+          "re-read the channel file's schedule (as SIGHUP does); the stream goes on",
+          reply=Reply(description="reloaded", schema="ScheduleReload"),
+          errors={409: "the channel runs the embedded config: no file to re-read",
+                  422: "the file has problems (listed); the running programme stays"}),
+    Route("POST", "/api/reanchor", "reanchor",
+          "renew the engine's attention sink from recent frames at the next block (no cut)"),
 )
 
 
@@ -104,6 +114,18 @@ def _json_error(status: int, reason: str, headers: dict[str, str] | None = None)
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, default=str)
+
+
+class Operations(Protocol):
+    """What the running channel offers the API besides steering (broadcaster/service.py)."""
+
+    config_path: str | None
+
+    def schedule_status(self) -> dict[str, Any]: ...
+
+    def reload_schedule(self) -> tuple[bool, list[str]]: ...
+
+    def reanchor(self) -> None: ...
 
 
 class RateLimiter:
@@ -271,7 +293,8 @@ class Api:
 
     def __init__(self, *, metrics: Metrics, health: Callable[[], tuple[bool, dict[str, Any]]],
                  state: Callable[[], Awaitable[dict[str, Any]]], steering: SteeringRuntime,
-                 routes: Sequence[Route]):
+                 routes: Sequence[Route], operations: Operations | None = None):
+        self._ops = operations
         self._metrics = metrics
         self._health = health
         self._state = state
@@ -366,6 +389,29 @@ class Api:
             return _json_error(429, "too many chat messages waiting; slow down", {"Retry-After": "1"})
         self.feed.nudge()
         return web.json_response({"accepted": True}, status=202)
+
+    # --- operations -------------------------------------------------------------------------------
+    def _operations(self) -> Operations:
+        if self._ops is None:
+            raise web.HTTPServiceUnavailable(reason="operations are not available in this server")
+        return self._ops
+
+    async def schedule(self, _: web.Request) -> web.Response:
+        return web.json_response(self._operations().schedule_status(), dumps=_dumps)
+
+    async def schedule_reload(self, _: web.Request) -> web.Response:
+        ops = self._operations()
+        ok, problems = ops.reload_schedule()
+        if ok:
+            self.feed.nudge()
+            return web.json_response({"reloaded": True, "schedule": ops.schedule_status()}, dumps=_dumps)
+        status = 409 if ops.config_path is None else 422
+        return web.json_response({"reloaded": False, "error": "; ".join(problems), "problems": problems},
+                                 status=status)
+
+    async def reanchor(self, _: web.Request) -> web.Response:
+        self._operations().reanchor()
+        return self._done("reanchor")
 
     def _done(self, action: str, **extra: Any) -> web.Response:
         self.feed.nudge()
@@ -479,13 +525,15 @@ def make_app(
     cors_origins: Sequence[str] = (),
     rate_per_s: float = RATE_PER_S,
     rate_burst: int = RATE_BURST,
+    operations: Operations | None = None,
 ) -> web.Application:
     """Build the aiohttp application; the service passes in what each route reads or does.
 
     `rate_per_s` <= 0 turns the rate limit off.
     """
     app = web.Application(client_max_size=MAX_BODY_BYTES)
-    api = Api(metrics=metrics, health=health, state=state, steering=steering, routes=ROUTES)
+    api = Api(metrics=metrics, health=health, state=state, steering=steering, routes=ROUTES,
+              operations=operations)
     app[API] = api
     origins = {o.lower() for o in cors_origins}
     limiter = RateLimiter(rate_per_s, rate_burst) if rate_per_s > 0 else None

@@ -25,6 +25,9 @@ class Metrics:
         self.output_watchdog_kills = Counter(
             "promptcast_output_watchdog_kills", "Muxers killed for making no progress", ["output"],
             registry=r)
+        self.output_planned_reconnects = Counter(
+            "promptcast_output_planned_reconnects",
+            "Reconnects made on purpose at a keyframe before an ingest's session cap", ["output"], registry=r)
         self.output_dropped_packets = Counter(
             "promptcast_output_dropped_packets", "Packets an output could not take in time", ["output"],
             registry=r)
@@ -42,6 +45,12 @@ class Metrics:
             registry=r)
         self.recaches = Counter(
             "promptcast_recaches", "KV-recaches the engine ran to apply prompt switches", registry=r)
+        self.reanchors = Counter(
+            "promptcast_reanchors", "Soft re-anchors of the attention sink (requested, scheduled, drift)",
+            registry=r)
+        self.engine_drift = Gauge(
+            "promptcast_engine_drift", "Engine drift score: latent spread against its anchor reference",
+            registry=r)
         self.chat_messages = Counter(
             "promptcast_chat_messages", "Chat messages received", ["source"], registry=r)
         self.votes = Counter("promptcast_votes", "Votes counted", registry=r)
@@ -51,6 +60,8 @@ class Metrics:
         self.queue_depth = Gauge("promptcast_queue_depth", "Prompts waiting to be played", registry=r)
         self.engine_up = Gauge("promptcast_engine_up", "1 while the engine process delivers frames",
                                registry=r)
+        self.engine_crash_loop = Gauge(
+            "promptcast_engine_crash_loop", "1 while the engine restarts in a crash loop", registry=r)
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -105,6 +105,29 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                                   "description": "veto this option of the open round; "
                                                  "leave out to drop the next queued prompt"}},
     },
+    "Schedule": {
+        "type": "object",
+        "description": "The programme now (docs/schedule.md); empty before start-up.",
+        "properties": {
+            "timezone": _STRING,
+            "window": {"type": ["string", "null"]},
+            "playlist": {"type": ["string", "null"]},
+            "prompt": {"type": ["string", "null"]},
+            "autopilot": {"type": "boolean"},
+            "autopilot_state": {"enum": ["off", "chat", "waiting", "playing"]},
+            "chat": {"type": "boolean"},
+            "mode": {"type": ["string", "null"]},
+            "next_boundary": {"type": ["string", "null"], "format": "date-time"},
+            "seconds_to_boundary": {"type": ["number", "null"]},
+        },
+        "additionalProperties": True,
+    },
+    "ScheduleReload": {
+        "type": "object",
+        "properties": {"reloaded": {"type": "boolean"}, "schedule": {"$ref": "#/components/schemas/Schedule"},
+                       "problems": {"type": "array", "items": _STRING}},
+        "required": ["reloaded"],
+    },
     "State": {
         "type": "object",
         "description": "What is on air and how chat steers it (`steering` is null before start-up).",
@@ -119,6 +142,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "steering": {"type": ["object", "null"], "properties": {
                 "mode": {"enum": ["vote", "queue", "manual"]},
                 "paused": {"type": "boolean"},
+                "chat_enabled": {"type": "boolean",
+                                 "description": "false while the programme turns chat off"},
                 "now_playing": {"oneOf": [{"type": "null"}, _PROMPT_ITEM]},
                 "round": {"type": ["object", "null"]},
                 "queue": {"type": "array", "items": _PROMPT_ITEM},

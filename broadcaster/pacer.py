@@ -66,10 +66,13 @@ class Pacer:
         self.frames_out = 0
         self.repeated = 0
         self.resyncs = 0
+        self.max_gap_s = 0.0  # longest time between two output frames (reset by whoever reads it)
+        self.late_frames = 0  # output frames that came more than 1.5 intervals after the previous one
         self.last_tick = time.monotonic()
         self._consumed = 0
         self._seq = 0
         self._stop = threading.Event()
+        self._finish_gop = threading.Event()
 
     def step(self, index: int) -> list[EncodedPacket]:
         """Produce output frame `index`: take what the engine owes by now, encode, fan out."""
@@ -95,13 +98,20 @@ class Pacer:
             frame = self.lower_third.apply(frame, self.switches.prompt_for(self._seq))
         packets = self.encoder.encode(frame, index)
         self.metrics.encode_seconds.observe(self.encoder.last_encode_seconds)
-        self.switches.frame_encoded(self._seq)
+        self.switches.frame_encoded(self._seq, index / self.out_fps)
         for packet in packets:
             for sink in self.sinks:
                 sink(packet)
         self.frames_out += 1
         self.metrics.frames_output.inc()
-        self.last_tick = time.monotonic()
+        now = time.monotonic()
+        if self.frames_out > 1:
+            # Output stalls: the soak benchmark reads these (a gap over 1.5 intervals is a visible hitch).
+            gap = now - self.last_tick
+            self.max_gap_s = max(self.max_gap_s, gap)
+            if gap > 1.5 / self.out_fps:
+                self.late_frames += 1
+        self.last_tick = now
         return packets
 
     def run(self) -> None:
@@ -109,6 +119,8 @@ class Pacer:
         start = self.clock()
         index = 0
         while not self._stop.is_set():
+            if self._finish_gop.is_set() and index % self.encoder.gop == 0:
+                break  # the next frame would open a new GOP: every output ends on a complete one
             deadline = start + index / self.out_fps
             now = self.clock()
             if now < deadline:
@@ -121,9 +133,9 @@ class Pacer:
             self.step(index)
             index += 1
 
-    def stop(self) -> None:
-        """Make `run()` return after the current frame."""
-        self._stop.set()
+    def stop(self, finish_gop: bool = False) -> None:
+        """Make `run()` return after the current frame, or (finish_gop) at the end of the current GOP."""
+        (self._finish_gop if finish_gop else self._stop).set()
 
     def status(self) -> dict:
         """Status for /healthz."""
@@ -132,6 +144,7 @@ class Pacer:
             "frames_out": self.frames_out,
             "frames_repeated": self.repeated,
             "clock_resyncs": self.resyncs,
+            "late_frames": self.late_frames,
             "last_tick_age_s": round(time.monotonic() - self.last_tick, 3),
             "ring_fill": len(self.ring),
         }

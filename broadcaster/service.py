@@ -17,7 +17,9 @@ from broadcaster.http import make_app
 from broadcaster.metrics import Metrics
 from broadcaster.outputs.factory import build_outputs
 from broadcaster.pacer import Pacer
-from broadcaster.settings import HlsOutputSettings, Settings, output_name
+from broadcaster.schedule import SystemClock
+from broadcaster.scheduler import Scheduler
+from broadcaster.settings import ConfigError, HlsOutputSettings, Settings, load_settings, output_name
 from broadcaster.steering_runtime import SteeringRuntime, open_store
 from broadcaster.supervisor import EngineSupervisor
 from broadcaster.switches import SwitchTracker
@@ -28,6 +30,7 @@ from engine.ring import FrameRing
 log = logging.getLogger(__name__)
 
 PACER_STALL_S = 2.0
+GOP_FINISH_TIMEOUT_S = 12.0  # longer than the longest GOP (keyframe_seconds <= 10)
 
 
 def api_token(settings: Settings) -> str:
@@ -49,8 +52,10 @@ def api_token(settings: Settings) -> str:
 class Service:
     """One channel, from engine process to outputs."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None):
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, config_path: str | None = None):
         self.settings = settings
+        self.config_path = config_path  # re-read for the schedule on SIGHUP or POST /api/schedule/reload
+        self.scheduler: Scheduler | None = None
         self.metrics = metrics or Metrics()
         self.switches = SwitchTracker(self.metrics)
         self._stop = asyncio.Event()
@@ -107,13 +112,17 @@ class Service:
             self.supervisor = EngineSupervisor(s.engine, backend, ring, self.metrics, self.switches)
             self.store = open_store(s.store, s.channel)
             self.steering = SteeringRuntime(s.chat, self.store, self.supervisor, self.switches, self.metrics)
+            self.scheduler = Scheduler(s.schedule, self.steering.steering, SystemClock(),
+                                       on_boundary=self._schedule_boundary)
             self.pacer = Pacer(ring, encoder, [o.submit for o in self.outputs] + [self.whep.submit],
                                self.metrics, self.switches, s.engine.fps)
             hls = next((o for o in s.outputs if isinstance(o, HlsOutputSettings)), None)
             app = make_app(metrics=self.metrics, health=self.health, state=self.state,
                            steering=self.steering, api_token=api_token(s),
-                           hls_dir=hls.dir if hls else None, cors_origins=s.server.cors_origins)
+                           hls_dir=hls.dir if hls else None, cors_origins=s.server.cors_origins,
+                           operations=self)
             self.pacer.frame_sinks += [o.submit_frame for o in self.outputs if hasattr(o, "submit_frame")]
+            self.steering.aired += [o.timeline.aired for o in self.outputs if getattr(o, "timeline", None)]
             self.whep.add_routes(app)  # POST /whep, PATCH/DELETE /whep/<id>
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
@@ -139,17 +148,26 @@ class Service:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.supervisor.run(), name="engine-supervisor")
             steering = group.create_task(self.steering.run(), name="steering")
+            schedule = group.create_task(self.scheduler.run(), name="schedule")
             for output in self.outputs:
                 group.create_task(output.run(), name=f"output-{output.name}")
             pacer_done = group.create_task(asyncio.to_thread(self.pacer.run), name="pacer")
             try:
                 await self._stop.wait()
-                log.info("shutting down: stopping the clock, closing outputs")
+                log.info("shutting down: chat stopped; finishing the current GOP, then closing outputs")
             finally:
-                # Order matters: no new packets, then let every muxer write its trailer.
-                self.pacer.stop()
-                await asyncio.shield(pacer_done)
-                steering.cancel()  # stop taking chat first; unapplied prompts stay unacknowledged
+                # Order matters. Stop taking chat: queued prompts not yet on air stay unacknowledged
+                # (in Redis they play after the restart). Then end every output on a complete GOP,
+                # and only then let each muxer write its trailer.
+                schedule.cancel()
+                steering.cancel()
+                self.pacer.stop(finish_gop=True)
+                try:
+                    await asyncio.wait_for(asyncio.shield(pacer_done), GOP_FINISH_TIMEOUT_S)
+                except TimeoutError:
+                    log.warning("the output clock did not reach the end of its GOP; stopping it now")
+                    self.pacer.stop()
+                    await asyncio.shield(pacer_done)
                 for output in self.outputs:
                     await output.close()
                 await self.supervisor.close()
@@ -160,3 +178,41 @@ class Service:
             # Off the main thread (embedded use) there are no signal handlers; stop is explicit.
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGHUP, self.reload_schedule)
+
+    # --- operations (the control API and signals) -----------------------------------------------
+    def _schedule_boundary(self, slot) -> None:
+        # A new programme window: its first prompt also renews the engine's sink (soft re-anchor).
+        if self.steering is not None:
+            self.steering.reanchor_next_switch = True
+
+    def schedule_status(self) -> dict:
+        """The programme now: window, playlist, prompt, autopilot, next boundary."""
+        return self.scheduler.status() if self.scheduler else {}
+
+    def reload_schedule(self) -> tuple[bool, list[str]]:
+        """Re-read the channel file and swap in its `schedule:`; the stream goes on. (ok, problems)."""
+        if self.config_path is None:
+            return False, ["this channel runs the embedded default config: there is no file to re-read"]
+        try:
+            fresh = load_settings(self.config_path)
+        except ConfigError as exc:
+            problems = [str(p) for p in exc.problems]
+            log.error("schedule reload refused, the running programme stays: %s", "; ".join(problems))
+            return False, problems
+        if self.scheduler is not None:
+            self.scheduler.replace(fresh.schedule)
+        self.settings = self.settings.model_copy(update={"schedule": fresh.schedule})
+        changed = [name for name in Settings.model_fields
+                   if name != "schedule" and getattr(fresh, name) != getattr(self.settings, name)]
+        log.info("schedule reloaded from %s", self.config_path)
+        if changed:
+            log.warning("%s changed in %s too: those take effect at the next restart", ", ".join(changed),
+                        self.config_path)
+        return True, []
+
+    def reanchor(self) -> None:
+        """Renew the engine's attention sink from recent frames at the next block (no cut)."""
+        if self.supervisor is not None:
+            self.supervisor.reanchor()

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from broadcaster.schedule import ScheduleSettings
 from chat.settings import ChatSettings, StoreSettings
 from engine.settings import EngineSettings
 
@@ -83,6 +84,9 @@ class RtmpOutputSettings(_NetworkOutput):
 
     kind: Literal["rtmp"]
     url: str
+    planned_reconnect_hours: float = Field(
+        47.5, ge=0, description="reconnect at a keyframe after this long connected, before an ingest's "
+                                "session cap (Twitch ends a broadcast at 48 h); 0 = never")
 
     @field_validator("url")
     @classmethod
@@ -183,10 +187,6 @@ class ServerSettings(_Strict):
             if origin != "*" and not _ORIGIN.fullmatch(origin):
                 raise ValueError(f"'{origin}' is not an origin: scheme://host[:port], no path, or '*'")
         return origins
-
-
-class ScheduleSettings(_Strict):
-    """The programme and autopilot; its fields arrive with the scheduler."""
 
 
 class Settings(_Strict):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from broadcaster.backoff import Backoff
 from broadcaster.metrics import Metrics
 from broadcaster.supervisor import EngineSupervisor
-from broadcaster.switches import SwitchTracker
+from broadcaster.switches import OnAir, SwitchTracker
+from broadcaster.timeline import Aired
 from chat.events import ChatEvent, QueuedPrompt
 from chat.settings import ChatSettings, LocalSourceSettings, StoreSettings
 from chat.sources.base import ChatSource
@@ -89,18 +91,29 @@ class SteeringRuntime:
         )
         self.steering = Steering(settings, store, hooks=hooks)
         self._in_flight: dict[int, QueuedPrompt] = {}  # switch seq -> queued entry not yet on air
-        self._loop: asyncio.AbstractEventLoop | None = None
-        switches.on_air = self._on_air_from_pacer
+        try:  # known from the start, so the very first frame's on-air event is not missed
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self.reanchor_next_switch = False  # the next switch also renews the engine's sink (schedule boundary)
+        self.aired: list[Callable[[Aired], None]] = []  # told on the event loop when a prompt reaches the air
+        switches.listeners.append(self._on_air_from_pacer)
 
-    def _on_air_from_pacer(self, seq: int) -> None:
+    def _on_air_from_pacer(self, event: OnAir) -> None:
         # Called in the pacer thread: hop onto the event loop.
-        if self._loop is not None and seq in self._in_flight:
-            self._loop.call_soon_threadsafe(self._acknowledge, seq)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._acknowledge, event)
 
-    def _acknowledge(self, seq: int) -> None:
-        prompt = self._in_flight.pop(seq, None)
+    def _acknowledge(self, event: OnAir) -> None:
+        prompt = self._in_flight.pop(event.seq, None)
         if prompt is not None:
             asyncio.ensure_future(self.steering.applied(prompt))  # noqa: RUF006 - logged on failure
+        chosen_by = prompt.chosen_by if prompt is not None else ("start" if event.seq == 0 else "api")
+        for listener in self.aired:
+            try:
+                listener(Aired(event, chosen_by))
+            except Exception:  # a timeline that cannot be written must not stop acknowledgements
+                log.exception("on-air listener failed")
 
     async def run(self) -> None:
         """Run until cancelled."""
@@ -152,9 +165,15 @@ class SteeringRuntime:
                 continue
             if prompt is None or prompt.entry_id in {p.entry_id for p in self._in_flight.values()}:
                 continue
-            seq = self.supervisor.switch_prompt(prompt.text)
+            reanchor, self.reanchor_next_switch = self.reanchor_next_switch, False
+            try:
+                seq = self.supervisor.switch_prompt(prompt.text, reanchor=reanchor)
+            except Exception:  # the switch is retried at the next block; the channel stays up
+                log.exception("prompt switch could not be sent to the engine")
+                continue
             self._in_flight[seq] = prompt
-            log.info("switching to the prompt chosen by %s (#%d)", prompt.chosen_by, seq)
+            log.info("switching to the prompt chosen by %s (#%d%s)", prompt.chosen_by, seq,
+                     ", re-anchored" if reanchor else "")
 
     async def state(self) -> dict:
         """Steering state for the API and overlays."""

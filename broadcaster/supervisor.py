@@ -1,4 +1,4 @@
-"""Keeps the engine process alive: start, watch its heartbeat, restart with backoff."""
+"""Keeps the engine process alive: start, watch its heartbeat, restart with backoff, report crash loops."""
 
 from __future__ import annotations
 
@@ -19,7 +19,37 @@ from engine.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 _CTX = mp.get_context("spawn")  # never fork a process that may hold CUDA
-STABLE_SECONDS = 60.0
+STABLE_SECONDS = 60.0  # an engine up this long resets the backoff and ends a crash loop
+CRASH_LOOP_RESTARTS = 3  # this many restarts ...
+CRASH_LOOP_WINDOW_S = 300.0  # ... within this many seconds is a crash loop
+
+
+class CrashLoop:
+    """Remembers recent restarts; a burst of them is a crash loop until an engine runs stably."""
+
+    def __init__(self, restarts: int = CRASH_LOOP_RESTARTS, window_s: float = CRASH_LOOP_WINDOW_S):
+        self.restarts, self.window_s = restarts, window_s
+        self._times: deque[float] = deque()
+        self.active = False
+
+    def restarted(self, now: float) -> bool:
+        """Count a restart at `now`; True when it starts a crash loop."""
+        self._times.append(now)
+        entered = not self.active and self.recent(now) >= self.restarts
+        self.active = self.active or entered
+        return entered
+
+    def recent(self, now: float) -> int:
+        """Restarts within the window before `now` (since the last stable run)."""
+        while self._times and self._times[0] < now - self.window_s:
+            self._times.popleft()
+        return len(self._times)
+
+    def stable(self) -> bool:
+        """An engine ran stably: forget past restarts. True when that ends a crash loop."""
+        ended, self.active = self.active, False
+        self._times.clear()
+        return ended
 
 
 class EngineSupervisor:
@@ -45,17 +75,30 @@ class EngineSupervisor:
         self._backoff = Backoff(0.5, settings.max_restart_backoff_s)
         self._blocks: deque[tuple[float, int]] = deque(maxlen=32)
         self._recaches_seen = 0
+        self._reanchors_seen = 0
+        self.reanchors = 0  # soft re-anchors over every engine this supervisor ran
+        self.drift = 0.0
+        self.crash_loop = CrashLoop()
+        self._restart_at: float | None = None  # when the pending restart happens (monotonic)
         self.block_done = asyncio.Event()  # set at every block boundary (steering listens)
         switches.decided(0, self.prompt)
 
-    def switch_prompt(self, prompt: str) -> int:
-        """Decide a switch now; the engine applies it at its next block. Returns its sequence number."""
+    def switch_prompt(self, prompt: str, reanchor: bool = False) -> int:
+        """Decide a switch now; the engine applies it at its next block. Returns its sequence number.
+
+        `reanchor` also renews the attention sink there (a schedule boundary), in the same passes.
+        """
         self.prompt_seq += 1
         self.prompt = prompt
         self.switches.decided(self.prompt_seq, prompt)
-        self._send(("switch", self.prompt_seq, prompt))
-        log.info("prompt switch #%d decided", self.prompt_seq)
+        self._send(("switch", self.prompt_seq, prompt, reanchor))
+        log.info("prompt switch #%d decided%s", self.prompt_seq, " with a re-anchor" if reanchor else "")
         return self.prompt_seq
+
+    def reanchor(self) -> None:
+        """Ask the engine for a soft re-anchor at its next block (an operator's request)."""
+        self._send(("reanchor",))
+        log.info("re-anchor requested")
 
     def prepare_prompt(self, prompt: str) -> None:
         """Ask the engine to get a likely next prompt ready (text encoding) before it is chosen."""
@@ -74,17 +117,24 @@ class EngineSupervisor:
             reason = await self._run_once()
             if self._closing:
                 break
+            now = time.monotonic()
             self.restarts += 1
             self.metrics.engine_restarts.labels(reason).inc()
-            if time.monotonic() - started > STABLE_SECONDS:
+            if now - started > STABLE_SECONDS:
                 self._backoff.reset()
             delay = self._backoff.next_delay()
-            self.state = "restarting"
-            log.warning("engine %s (%s); restart #%d in %.1fs", reason, self.last_error or "no detail",
+            if self.crash_loop.restarted(now):
+                self.metrics.engine_crash_loop.set(1)
+                log.error("engine crash loop: %d restarts within %.0fs, last error: %s; backing off",
+                          self.crash_loop.recent(now), self.crash_loop.window_s,
+                          self.last_error or "no detail")
+            self.state = "crash-loop" if self.crash_loop.active else "restarting"
+            log.warning("engine %s (%s); restart #%d in %.2fs", reason, self.last_error or "no detail",
                         self.restarts, delay)
-            end = time.monotonic() + delay
-            while not self._closing and time.monotonic() < end:
+            self._restart_at = now + delay
+            while not self._closing and time.monotonic() < self._restart_at:
                 await asyncio.sleep(0.05)
+            self._restart_at = None
 
     async def _run_once(self) -> str:
         control_read, control_write = _CTX.Pipe(duplex=False)
@@ -97,14 +147,22 @@ class EngineSupervisor:
         control_read.close()
         events_write.close()
         self.process, self._control = process, control_write
-        self._recaches_seen = 0  # a new engine counts from zero
+        self._recaches_seen = self._reanchors_seen = 0  # a new engine counts from zero
         self.state = "loading"
         ready = False
         started = time.monotonic()
+        ready_at = None
         reason = "stopped"
         try:
             while True:
                 ready = self._read_events(events_read) or ready
+                if ready and ready_at is None:
+                    ready_at = time.monotonic()
+                if ready_at is not None and time.monotonic() - ready_at > STABLE_SECONDS:
+                    ready_at = float("inf")  # checked once per engine
+                    if self.crash_loop.stable():
+                        self.metrics.engine_crash_loop.set(0)
+                        log.info("engine stable for %.0fs: crash loop over", STABLE_SECONDS)
                 if not process.is_alive():
                     reason = "crashed"
                     self._read_events(events_read)
@@ -158,6 +216,13 @@ class EngineSupervisor:
                     if event[3] > self._recaches_seen:
                         self.metrics.recaches.inc(event[3] - self._recaches_seen)
                     self._recaches_seen = event[3]
+                    if event[4] > self._reanchors_seen:
+                        self.reanchors += event[4] - self._reanchors_seen
+                        self.metrics.reanchors.inc(event[4] - self._reanchors_seen)
+                        log.info("re-anchor #%d at block %d", self.reanchors, event[1])
+                    self._reanchors_seen = event[4]
+                    self.drift = event[5]
+                    self.metrics.engine_drift.set(event[5])
                     self._blocks.append((time.monotonic(), event[2]))
                     self.metrics.generation_fps.set(self.generation_fps)
                 elif kind == "applied":
@@ -181,6 +246,7 @@ class EngineSupervisor:
     def status(self) -> dict:
         """Status for /healthz."""
         alive = self.process is not None and self.process.is_alive()
+        now = time.monotonic()
         return {
             "backend": self.backend,
             "state": self.state,
@@ -192,6 +258,12 @@ class EngineSupervisor:
             "prompt_seq": self.prompt_seq,
             "generation_fps": round(self.generation_fps, 2),
             "heartbeat_age_s": round(self.ring.heartbeat_age(), 2) if alive else None,
+            "crash_loop": self.crash_loop.active,
+            "restarts_recent": self.crash_loop.recent(now),
+            "next_restart_in_s": (round(max(0.0, self._restart_at - now), 2)
+                                  if self._restart_at is not None else None),
+            "reanchors": self.reanchors,
+            "drift": round(self.drift, 4),
         }
 
     async def close(self) -> None:

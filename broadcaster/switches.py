@@ -5,8 +5,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from broadcaster.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class OnAir:
+    """A prompt's first frame left the encoder."""
+
+    seq: int
+    prompt: str
+    media_seconds: float  # the frame's presentation time in the encoded stream
+    wall_time: float  # epoch seconds
 
 
 class SwitchTracker:
@@ -20,7 +31,8 @@ class SwitchTracker:
         self.on_air_seq = -1  # 0 is the prompt the stream starts with
         self.on_air_prompt = ""
         self.last_latency: float | None = None
-        self.on_air: Callable[[int], None] | None = None  # called (from the pacer thread) per switch on air
+        # Called from the pacer thread for every switch that reaches the air; keep them quick.
+        self.listeners: list[Callable[[OnAir], None]] = []
 
     def decided(self, seq: int, prompt: str) -> None:
         """A switch to `prompt` with number `seq` was decided now."""
@@ -33,8 +45,8 @@ class SwitchTracker:
             decided = self._decided.get(seq)
         return decided[1] if decided else self.on_air_prompt
 
-    def frame_encoded(self, seq: int) -> None:
-        """A frame generated under switch `seq` just left the encoder."""
+    def frame_encoded(self, seq: int, media_seconds: float = 0.0) -> None:
+        """A frame generated under switch `seq`, at `media_seconds` in the stream, just left the encoder."""
         if seq <= self.on_air_seq:
             return
         with self._lock:
@@ -44,8 +56,9 @@ class SwitchTracker:
                 if done != seq:
                     continue  # superseded before it reached the air
                 self.on_air_prompt = prompt
-                if self.on_air is not None:
-                    self.on_air(seq)
+                event = OnAir(seq, prompt, media_seconds, time.time())
+                for listener in self.listeners:
+                    listener(event)
                 if seq > 0:
                     self.last_latency = now - decided_at
                     self.metrics.switch_latency.observe(self.last_latency)

@@ -21,6 +21,8 @@ from chat.store import SteeringStore
 
 log = logging.getLogger(__name__)
 
+STEERING_OFF = "chat steering is off during this programme"
+
 
 @dataclass
 class SteeringHooks:
@@ -52,12 +54,24 @@ class Steering:
         self.moderator = moderator or Moderator(settings.moderation)
         self.hooks = hooks or SteeringHooks()
         self.clock = clock
+        self.mode = settings.mode  # the schedule may change it per window (set_policy)
+        self.chat_enabled = True  # False: suggestions and votes are refused ("steering_off")
         self.paused = False
         self.skip_requested = False
         self.on_air_since = clock()
+        self.last_activity = clock()  # the last accepted suggestion, vote or moderator queueing
         self._round = _RoundState()
         self._last_queued_by: dict[str, float] = {}
         self._prepared: set[str] = set()
+
+    def set_policy(self, chat_enabled: bool, mode: str) -> None:
+        """Whether chat may steer, and in which mode (the schedule sets it per window)."""
+        if mode not in ("vote", "queue", "manual"):
+            raise ValueError(f"unknown chat mode {mode!r}")
+        if (chat_enabled, mode) != (self.chat_enabled, self.mode):
+            log.info("chat steering %s, mode %s", "on" if chat_enabled else "off", mode)
+        self.chat_enabled = chat_enabled
+        self.mode = mode
 
     # --- chat in -------------------------------------------------------------------------------
     async def handle(self, event: ChatEvent) -> None:
@@ -109,6 +123,9 @@ class Steering:
             await self.hooks.reply(event, text)
 
     async def _suggest(self, event: ChatEvent, text: str) -> None:
+        if not self.chat_enabled:
+            await self._refuse(event, "steering_off", STEERING_OFF)
+            return
         decision = self.moderator.check(event, text, banned=await self.store.banned())
         if not decision.accepted:
             await self._refuse(event, decision.reason, decision.message)
@@ -117,7 +134,7 @@ class Steering:
         if automod is not None and not await automod(event, decision.raw):
             await self._refuse(event, "automod", "held by AutoMod")
             return
-        mode = self.settings.mode
+        mode = self.mode
         if mode == "queue":
             refusal = await self._queue_refusal(event)
             if refusal:
@@ -131,6 +148,7 @@ class Steering:
             await self.store.add_suggestion(decision.text, decision.raw, event.user_id, event.login,
                                             event.source, self.clock())
             await self._reply(event, "added to the next vote" if mode == "vote" else "waiting for approval")
+        self.last_activity = self.clock()
         await self._report_depth()
 
     async def _queue_refusal(self, event: ChatEvent) -> tuple[str, str] | None:
@@ -147,6 +165,9 @@ class Steering:
         return None
 
     async def _vote(self, event: ChatEvent, option: int) -> None:
+        if not self.chat_enabled:
+            await self._refuse(event, "steering_off", STEERING_OFF)
+            return
         current = await self.store.current_round()
         if current is None or current.closed:
             await self._refuse(event, "no_round", "no vote is open")
@@ -154,6 +175,7 @@ class Steering:
         outcome = await self.store.cast_vote(current.id, event.user_id, option,
                                              self.settings.vote.last_vote_counts, now=self.clock())
         if outcome.accepted:
+            self.last_activity = self.clock()
             self.hooks.vote()
         else:
             self.hooks.rejected(outcome.reason)
@@ -199,6 +221,7 @@ class Steering:
         await self.store.remove_suggestions([suggestion_id])
         entry = await self.store.enqueue(chosen.text, f"@{chosen.login} (approved by {by})", chosen.id,
                                          self.clock())
+        self.last_activity = self.clock()
         self.hooks.prepare(entry.text)
         await self._report_depth()
         return entry
@@ -206,6 +229,8 @@ class Steering:
     async def enqueue_direct(self, text: str, chosen_by: str) -> QueuedPrompt:
         """A prompt from the panel or the scheduler: straight into the queue, played next."""
         entry = await self.store.enqueue(text, chosen_by, None, self.clock())
+        if not chosen_by.startswith("schedule:"):
+            self.last_activity = self.clock()  # the programme itself does not count as chat
         self.skip_requested = True  # the panel means now, not after the minimum play time
         self.hooks.prepare(entry.text)
         await self._report_depth()
@@ -214,7 +239,7 @@ class Steering:
     # --- the clock -----------------------------------------------------------------------------
     async def tick(self) -> None:
         """Open and close vote rounds; call a few times a second."""
-        if self.settings.mode != "vote":
+        if self.mode != "vote":
             return  # rounds go on while paused: pause stops switching, not voting
         now = self.clock()
         current = await self.store.current_round()
@@ -222,6 +247,8 @@ class Steering:
             if now >= current.closes_at:
                 await self._finish_round(current)
             return
+        if not self.chat_enabled:
+            return  # nobody could vote: no new round
         pool = await self.store.suggestions(limit=self.settings.vote.options)
         if len(pool) >= min(self.settings.vote.min_suggestions, self.settings.vote.options):
             cfg = self.settings.vote
@@ -268,7 +295,7 @@ class Steering:
         """The prompt to switch to at this block boundary, if any (not acknowledged yet)."""
         if self.paused:
             return None
-        min_play = self.settings.queue.min_play_seconds if self.settings.mode == "queue" else 0.0
+        min_play = self.settings.queue.min_play_seconds if self.mode == "queue" else 0.0
         if not self.skip_requested and self.clock() - self.on_air_since < min_play:
             return None
         return await self.store.next_prompt()
@@ -289,7 +316,8 @@ class Steering:
         current = await self.store.current_round()
         now_playing = await self.store.now_playing()
         return {
-            "mode": self.settings.mode,
+            "mode": self.mode,
+            "chat_enabled": self.chat_enabled,
             "paused": self.paused,
             "now_playing": _prompt_dict(now_playing) if now_playing else None,
             "round": None if current is None else {

@@ -4,6 +4,7 @@
     gen.start(prompt_embeds, seed=0)
     latents = gen.next_block()          # [1, 3, 16, h, w]
     gen.switch_prompt(other_embeds)     # applied before the next block
+    gen.request_reanchor()              # soft re-anchor before the next block (docs/engine.md)
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ class StreamConfig:
     global_sink: bool = True  # the reference's interactive default (LL1 commit 3e12502)
     rope_mode: RopeMode = "absolute"  # "relative" = the unbounded "infinity" variant (§3.5)
     batch: int = 1
+    drift_threshold: float = 0.0  # re-anchor when the drift score passes this; 0 = never
+    reanchor_every_blocks: int = 0  # re-anchor after this many blocks without one; 0 = never
+
+
+# Drift score: blocks averaged into the reference after a start, switch or re-anchor, and the
+# weight of the newest block in the smoothed statistic (one block of 3 frames is noisy).
+DRIFT_ANCHOR_BLOCKS = 4
+DRIFT_SMOOTHING = 0.5
 
 
 class NoiseSource:
@@ -71,7 +80,15 @@ class StreamingGenerator:
         self.noise: NoiseSource | None = None
         self.frame = 0  # the next block's first latent frame
         self._pending_prompt: torch.Tensor | None = None
+        self._pending_reanchor = False
         self.recaches = 0
+        self.reanchors = 0
+        # Drift statistics: per-channel std of the clean latents, on the device (read without a sync).
+        self._drift_ref = torch.zeros(cfg.out_dim, dtype=torch.float32, device=self.device)
+        self._drift_now = torch.zeros_like(self._drift_ref)
+        self._drift = torch.zeros((), dtype=torch.float32, device=self.device)
+        self._anchor_blocks = 0  # blocks since the drift reference was last reset
+        self._blocks_since_anchor = 0  # blocks since the start or the last re-anchor
 
     @property
     def started(self) -> bool:
@@ -91,11 +108,23 @@ class StreamingGenerator:
         self.history.zero_()
         self.frame = 0
         self._pending_prompt = None
+        self._pending_reanchor = False
+        self._blocks_since_anchor = 0
+        self._reset_drift()
         self.noise = None
 
     def switch_prompt(self, prompt_embeds: torch.Tensor) -> None:
         """Follow a new prompt from the next block on (only the latest pending switch counts)."""
         self._pending_prompt = prompt_embeds
+
+    def request_reanchor(self) -> None:
+        """Soft re-anchor before the next block (with the pending prompt, if a switch is pending too)."""
+        self._pending_reanchor = True
+
+    @property
+    def drift(self) -> float:
+        """The last drift score: mean |log(std / reference std)| over latent channels (0 while anchoring)."""
+        return float(self._drift)
 
     def _set_prompt(self, prompt_embeds: torch.Tensor) -> None:
         self.model.encode_text(prompt_embeds.to(self.device), self.text)
@@ -123,14 +152,71 @@ class StreamingGenerator:
         frames = self.history[:, self.cfg.local_attn_size - n:]
         self._forward(frames, self.sampler.context_noise, start, sink_recache=not self.stream.global_sink)
         self.recaches += 1
+        self._reset_drift()  # a new prompt may legitimately look different: that is not drift
+
+    @torch.no_grad()
+    def reanchor(self, prompt_embeds: torch.Tensor | None = None) -> None:
+        """Soft re-anchor: re-encode the recent clean frames as a fresh stream, so they become the sink.
+
+        Unlike a reset there is no cut: the history is kept and the next block attends to the same
+        recent frames, now at positions 0..n. Passes go block by block as in generation (a single
+        pass of the whole window would not fit beside the sink). With `prompt_embeds` it also
+        applies a prompt switch, replacing that switch's recache.
+        """
+        if prompt_embeds is not None:
+            self._set_prompt(prompt_embeds)
+        if self.frame == 0:
+            return  # nothing generated yet: the stream is as fresh as it gets
+        cfg = self.cfg
+        n = min(cfg.local_attn_size, self.frame)
+        frames = self.history[:, cfg.local_attn_size - n:]
+        self.kv.reset()
+        for start in range(0, n, cfg.num_frame_per_block):
+            self._forward(frames[:, start:start + cfg.num_frame_per_block], self.sampler.context_noise, start)
+        self.frame = n
+        self.reanchors += 1
+        self._blocks_since_anchor = 0
+        self._reset_drift()
+
+    def _reset_drift(self) -> None:
+        self._anchor_blocks = 0
+        self._drift_ref.zero_()
+        self._drift.zero_()
+
+    def _track_drift(self, x0: torch.Tensor) -> None:
+        """Update the drift score from this block's clean latents (device ops only: no sync here)."""
+        # Contrast/saturation creep shows up as a growing spread of the latents.
+        std = x0.float().std(dim=(0, 1, 3, 4)).clamp_min(1e-6)
+        self._anchor_blocks += 1
+        self._blocks_since_anchor += 1
+        if self._anchor_blocks <= DRIFT_ANCHOR_BLOCKS:
+            self._drift_ref += std / DRIFT_ANCHOR_BLOCKS
+            self._drift_now.copy_(self._drift_ref)
+            return
+        self._drift_now.lerp_(std, DRIFT_SMOOTHING)
+        self._drift.copy_((self._drift_now / self._drift_ref).log().abs().mean())
+
+    def _schedule_reanchor(self) -> None:
+        """Request a re-anchor when the drift score or the periodic schedule asks for one."""
+        stream = self.stream
+        # Read here, not at the end of the last block: by now the caller has consumed that block,
+        # so the score's sync costs nothing.
+        if stream.drift_threshold > 0 and self.drift > stream.drift_threshold:
+            self._pending_reanchor = True
+        if 0 < stream.reanchor_every_blocks <= self._blocks_since_anchor:
+            self._pending_reanchor = True
 
     @torch.no_grad()
     def next_block(self) -> torch.Tensor:
         """Denoise the next block: clean latents [B, block frames, C, h, w]."""
         if self.noise is None:
             raise RuntimeError("start() the stream before asking for blocks")
-        if self._pending_prompt is not None:
-            prompt, self._pending_prompt = self._pending_prompt, None
+        self._schedule_reanchor()
+        prompt, self._pending_prompt = self._pending_prompt, None
+        if self._pending_reanchor:
+            self._pending_reanchor = False
+            self.reanchor(prompt)  # one set of passes for both
+        elif prompt is not None:
             self.recache(prompt)
         cfg = self.cfg
         f0, frames = self.frame, cfg.num_frame_per_block
@@ -149,4 +235,5 @@ class StreamingGenerator:
         self.history[:, :-frames] = self.history[:, frames:].clone()
         self.history[:, -frames:] = x0
         self.frame += frames
+        self._track_drift(x0)
         return x0

@@ -14,6 +14,11 @@ class Engine(Protocol):
     Call order: `start(prompt, seed)`, then `next_block()` repeatedly. `switch_prompt`
     may be called between blocks; it takes effect in the very next block and never
     inside one. `reset()` forgets everything; `start` must be called again.
+
+    Optional: `reanchor()` renews what the stream is anchored to (LongLive: the attention
+    sink) at the next block, without a cut; with a switch pending at that block both are
+    applied together. `reanchors` and `drift` (counters the engine process reports with
+    each block) default to 0 where a backend lacks them.
     """
 
     width: int

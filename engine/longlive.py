@@ -2,7 +2,7 @@
 
 Runs inside the engine process. Frames are uint8 RGB [T, H, W, 3]: 9 for the first
 block, 12 after. A prompt switch is a (usually pre-encoded) embedding plus a KV-recache
-applied before the next block.
+applied before the next block; a re-anchor renews the attention sink there (docs/engine.md).
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ class LongLiveEngine:
             model = torch.compile(model)
         self.generator = StreamingGenerator(
             model, SamplerConfig(denoising_steps=tuple(settings.steps)),
-            StreamConfig(global_sink=settings.global_sink, rope_mode=settings.rope_mode))
+            StreamConfig(global_sink=settings.global_sink, rope_mode=settings.rope_mode,
+                         drift_threshold=settings.reanchor_drift_threshold,
+                         reanchor_every_blocks=settings.reanchor_every_blocks))
         t5_state = read_checkpoint(paths.text_encoder)
         t5_cfg = UMT5Config.from_state_dict(t5_state, text_len=cfg.text_len)
         del t5_state
@@ -75,8 +77,18 @@ class LongLiveEngine:
 
     @property
     def recaches(self) -> int:
-        """KV-recaches run so far (one per applied prompt switch after the first block)."""
+        """KV-recaches run so far (one per prompt switch after the first block, unless re-anchored)."""
         return self.generator.recaches
+
+    @property
+    def reanchors(self) -> int:
+        """Soft re-anchors run so far (requested, periodic or drift-triggered)."""
+        return self.generator.reanchors
+
+    @property
+    def drift(self) -> float:
+        """The generator's last drift score (0 while it captures its reference)."""
+        return self.generator.drift
 
     def prepare_prompt(self, prompt: str) -> None:
         """Encode a prompt ahead of time, so switching to it costs only the recache."""
@@ -90,6 +102,10 @@ class LongLiveEngine:
     def switch_prompt(self, prompt: str) -> None:
         """Follow `prompt` from the next block (KV-recache then)."""
         self.generator.switch_prompt(self.text.encode(prompt))
+
+    def reanchor(self) -> None:
+        """Soft re-anchor before the next block; with a switch pending there, one pass set does both."""
+        self.generator.request_reanchor()
 
     @torch.no_grad()
     def next_block(self) -> np.ndarray:

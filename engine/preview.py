@@ -11,7 +11,7 @@ import colorsys
 import hashlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -213,6 +213,10 @@ class _Look:
             self.omega,
             self.phase - _TAU * np.round(gap / _TAU),
         )
+
+    def rebased(self, t: float, turns: np.ndarray) -> _Look:
+        """This look with its clock restarted at t: the same picture at t + t', phases less `turns`."""
+        return replace(self, phase=self.omega * t + self.phase - turns)
 
 
 def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
@@ -442,6 +446,7 @@ class PreviewEngine:
             self._row_phases.append((base + 1, np.float32(offset - base)))
         self._font = ImageFont.load_default(size=max(8, round(height * 0.05)))
         self._captions: dict[str, _Caption | None] = {}
+        self.reanchors = 0
         self._clear()
 
     # -- Engine protocol ---------------------------------------------------------------------------
@@ -462,6 +467,9 @@ class PreviewEngine:
         if self._pending is not None:
             self._begin_transition(self._pending)
             self._pending = None
+        if self._pending_reanchor:
+            self._pending_reanchor = False
+            self._rebase()
         count = self.first_block_frames if self._frame == 0 else self.block_frames
         block = np.empty((count, self.height, self.width, 3), np.uint8)
         for i in range(count):
@@ -476,6 +484,19 @@ class PreviewEngine:
         if not self._started:
             raise RuntimeError("PreviewEngine.switch_prompt() called before start(prompt, seed)")
         self._pending = prompt
+
+    def reanchor(self) -> None:
+        """Restart the motion clock at the next block, without a cut (LongLive: renew the attention sink).
+
+        The preview has no attention sink; what it has is a clock whose phase arguments grow all
+        stream long. Re-anchoring folds the elapsed motion into the phases and counts time from
+        the current frame again, the analogue of LongLive's positions returning near 0: the
+        picture continues exactly. It keeps the re-anchor path (API, schedule, counters) testable
+        on any machine.
+        """
+        if not self._started:
+            raise RuntimeError("PreviewEngine.reanchor() called before start(prompt, seed)")
+        self._pending_reanchor = True
 
     def reset(self) -> None:
         """Drop all stream state; `start` must be called before the next block."""
@@ -501,12 +522,34 @@ class PreviewEngine:
         self._prompt: str | None = None
         self._pending: str | None = None
         self._frame = 0
+        self._origin = 0  # the frame the motion clock counts from (moved by reanchor)
+        self._pending_reanchor = False
         self._to: _Look | None = None
         self._to_caption: _Caption | None = None
         # While a transition runs: the look and caption on screen when it began, and its frame span.
         self._from: _Look | None = None
         self._from_caption: _Caption | None = None
         self._begin = self._end = 0
+
+    def _rebase(self) -> None:
+        """Move the clock's origin to the next frame; the look (and a running blend) stays the same."""
+        n = self._frame
+        if n == 0:
+            return  # nothing shown yet: the clock is already fresh
+        t = (n - self._origin) / self.fps
+        # Both ends of a running transition drop the same whole turns, so their blend is unchanged.
+        turns = _TAU * np.floor((self._to.omega * t + self._to.phase) / _TAU)
+        self._to = self._to.rebased(t, turns)
+        if self._from is not None:
+            self._from = self._from.rebased(t, turns)
+        self._origin = n
+        self.reanchors += 1
+
+    def _look_on_clock(self, prompt: str) -> _Look:
+        """The prompt's look with phases for the current clock, so re-anchors never change the video."""
+        look = _look(prompt, self._seed)
+        t0 = self._origin / self.fps
+        return look.rebased(t0, _TAU * np.floor((look.omega * t0 + look.phase) / _TAU))
 
     def _weight(self, n: int) -> float:
         """How far frame n is through the running transition; the first frame already moves."""
@@ -531,9 +574,9 @@ class PreviewEngine:
             shown_caption = layers[-1].over(layers[0]) if len(layers) == 2 else next(iter(layers), None)
         else:
             shown, shown_caption = self._to, self._to_caption
-        t = n / self.fps
+        t = (n - self._origin) / self.fps
         self._prompt = prompt
-        self._to = _look(prompt, self._seed)
+        self._to = self._look_on_clock(prompt)
         self._to_caption = self._caption(prompt)
         self._from = shown.phases_near(self._to, t)
         self._from_caption = shown_caption
@@ -543,7 +586,7 @@ class PreviewEngine:
         """Draw frame n of the stream into out (uint8 [height, width, 3])."""
         w = self._weight(n) if self._from is not None else 1.0
         look = self._to if w >= 1.0 else self._from.blend(self._to, w)
-        self._field(look, n / self.fps, out)
+        self._field(look, (n - self._origin) / self.fps, out)
         if w >= 1.0:
             if self._to_caption is not None:
                 self._to_caption.composite(out, self._scratch)

@@ -1,7 +1,11 @@
 """The engine process: runs a backend's block loop and writes frames into the shared ring.
 
-Spawned (never forked: CUDA). Prompt switches arrive on a pipe and are applied only
-between blocks, which is where the engine interface allows them.
+Spawned (never forked: CUDA). Prompt switches and re-anchors arrive on a pipe and are
+applied only between blocks, which is where the engine interface allows them.
+
+Control messages: ("switch", seq, prompt[, reanchor]), ("reanchor",), ("prepare", prompt),
+("stop",). Events: ("ready", info), ("applied", seq, block, t),
+("block", block, frames, recaches, reanchors, drift), ("error", message, traceback).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class _Control:
         self.conn = conn
         self.stop = False
         self.pending: tuple[int, str] | None = None
+        self.reanchor = False
         self.to_prepare: list[str] = []
 
     def poll(self) -> None:
@@ -55,6 +60,9 @@ class _Control:
                     self.stop = True
                 elif message[0] == "switch":
                     self.pending = (message[1], message[2])  # only the latest switch matters
+                    self.reanchor |= len(message) > 3 and bool(message[3])
+                elif message[0] == "reanchor":
+                    self.reanchor = True
                 elif message[0] == "prepare":
                     self.to_prepare.append(message[1])
         except (EOFError, OSError):
@@ -92,13 +100,20 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
                 control.pending = None
                 engine.switch_prompt(prompt)
                 events.send(("applied", prompt_seq, block, time.monotonic()))
+            if control.reanchor:
+                control.reanchor = False
+                # After the switch: a backend applies both at the same boundary, in one pass set.
+                reanchor = getattr(engine, "reanchor", None)
+                if reanchor is not None:
+                    reanchor()
             frames = engine.next_block()
             ring.beat()
             for frame in frames:
                 if not ring.write(frame, prompt_seq, block, should_stop=lambda: _stopping(control)):
                     break
             block += 1
-            events.send(("block", block, len(frames), getattr(engine, "recaches", 0)))
+            events.send(("block", block, len(frames), getattr(engine, "recaches", 0),
+                         getattr(engine, "reanchors", 0), float(getattr(engine, "drift", 0.0))))
     except Exception as exc:  # reported to the supervisor, which restarts the process
         with contextlib.suppress(OSError):
             events.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))

@@ -43,6 +43,12 @@ class EngineSettings(BaseModel):
     rope_mode: Literal["relative", "absolute"] = Field(
         "relative", description="relative: unbounded streams; absolute: as the reference, max 1024 latents",
     )
+    reanchor_drift_threshold: float = Field(
+        0.0, ge=0, description="re-anchor the sink when the latent drift score passes this; 0 = off",
+    )
+    reanchor_every_blocks: int = Field(
+        0, ge=0, description="re-anchor the sink after this many blocks without one; 0 = off",
+    )
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: CUDA bf16, CPU fp32")
     text_encoder_device: Literal["gpu", "cpu"] = Field(

@@ -50,7 +50,11 @@ class Channel:
             [sys.executable, "-m", "broadcaster", "run", "--config", str(self.config_path)],
             stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp_path,
         )
-        wait_until(lambda: self._healthy(), timeout, message=f"channel never healthy:\n{self.logs()}")
+        try:
+            wait_until(lambda: self._healthy(), timeout)
+        except AssertionError as failure:
+            self.stop()  # never leave a half-started channel running
+            raise AssertionError(f"channel never healthy: {failure}\n{self.logs()}") from None
         return self
 
     def _healthy(self) -> bool:

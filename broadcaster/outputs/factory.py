@@ -26,7 +26,9 @@ HLS_PLAYLIST = "index.m3u8"
 def mux_target(output: OutputSettings, name: str, channel: str, keyframe_seconds: float) -> MuxTarget:
     """The muxer target for one output entry."""
     if isinstance(output, RtmpOutputSettings):
-        return MuxTarget(name=name, kind="rtmp", format="flv", destination=output.url)
+        # A planned reconnect is a rotation: the muxer reopens the connection at a keyframe.
+        return MuxTarget(name=name, kind="rtmp", format="flv", destination=output.url,
+                         rotate_seconds=output.planned_reconnect_hours * 3600 or None)
     if isinstance(output, HlsOutputSettings):
         output.dir.mkdir(parents=True, exist_ok=True)
         # Segments can only cut at keyframes: round the segment length to whole GOPs.

@@ -24,6 +24,7 @@ from broadcaster.outputs.muxer_process import (
 from broadcaster.outputs.rate import ByteRate
 from broadcaster.packets import AUDIO, VIDEO, EncodedPacket
 from broadcaster.redact import redact_url
+from broadcaster.timeline import RecordingTimeline
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,15 @@ class MuxerOutput:
         self.watchdog_kills = 0
         self.last_error = ""
         self.files: list[str] = []
+        self.planned_reconnects = 0
+        # Recordings only: the prompt timeline written beside each file.
+        self.timeline: RecordingTimeline | None = RecordingTimeline() if target.kind == "record" else None
         self._rate = ByteRate()
         self._heartbeat = None
         self.metrics.output_connected.labels(self.name).set(0)
         self.metrics.output_reconnects.labels(self.name)
         self.metrics.output_watchdog_kills.labels(self.name)
+        self.metrics.output_planned_reconnects.labels(self.name)
 
     @property
     def shown_destination(self) -> str:
@@ -203,10 +208,23 @@ class MuxerOutput:
                     self._set_connected(True)
                     self.last_error = ""
                     log.info("output %s: writing to %s", self.name, self.shown_destination)
+                elif kind == "started":
+                    path, base_seconds = detail
                     if self.target.kind == "record":
-                        self.files.append(detail)
-                elif kind == "rotated":
+                        self.files.append(path)
+                        if self.timeline is not None:
+                            self.timeline.file_started(path, base_seconds)
+                elif kind == "rotated" and self.target.kind == "record":
                     log.info("output %s: finished %s", self.name, detail)
+                    if self.timeline is not None:
+                        self.timeline.file_finished(detail)
+                elif kind == "rotated":
+                    self.planned_reconnects += 1
+                    self.metrics.output_planned_reconnects.labels(self.name).inc()
+                    log.info("output %s: planned reconnect #%d at a keyframe after %.0fs connected",
+                             self.name, self.planned_reconnects, self.target.rotate_seconds or 0)
+                elif kind == "closed" and detail and self.timeline is not None:
+                    self.timeline.file_finished(detail)
                 elif kind == "error":
                     self.last_error = detail
         except (EOFError, OSError):
@@ -233,6 +251,7 @@ class MuxerOutput:
             "destination": self.shown_destination,
             "connected": self.connected,
             "reconnects": self.reconnects,
+            "planned_reconnects": self.planned_reconnects,
             "watchdog_kills": self.watchdog_kills,
             "bitrate_kbps": round(self.bitrate_kbps, 1),
             "packets": int(hb[PACKETS]) if hb is not None else 0,

@@ -49,7 +49,8 @@ class MuxTarget:
 class _Destination:
     """One open output container, with timestamps rebased to start at zero."""
 
-    def __init__(self, target: MuxTarget, template: bytes, time_bases: tuple[Fraction, Fraction]):
+    def __init__(self, target: MuxTarget, template: bytes, time_bases: tuple[Fraction, Fraction],
+                 continue_from: float | None = None):
         self.target = target
         source = av.open(io.BytesIO(template), "r", format="matroska")
         self.path = self._path()
@@ -60,7 +61,11 @@ class _Destination:
         ]
         self.time_bases = time_bases  # of the packets as encoded (the template's are Matroska's)
         source.close()
-        self.base_seconds: float | None = None  # media time of the first keyframe written
+        # Media time of the first keyframe written: timestamps start at zero there. A planned
+        # reconnect continues the previous connection's clock instead, so players reading the
+        # stream through the server see one continuous timeline.
+        self.base_seconds: float | None = continue_from
+        self.first_seconds: float | None = None  # media time of this destination's first packet
         self.video_started = 0.0
 
     def _path(self) -> str:
@@ -82,6 +87,8 @@ class _Destination:
         offset = round(self.base_seconds / time_base)
         if packet.dts - offset < 0:
             return 0  # audio from before the first keyframe
+        if self.first_seconds is None:
+            self.first_seconds = seconds
         # The template's extradata is avcC, so every muxer expects length-prefixed NAL units
         # (MPEG-TS converts them back to Annex-B itself).
         data = annexb_to_avcc(packet.data) if packet.stream == VIDEO else packet.data
@@ -95,13 +102,13 @@ class _Destination:
         return len(data)
 
     def media_seconds(self, packet: EncodedPacket, time_base) -> float:
-        """Seconds since this destination's first keyframe."""
-        return float(packet.dts * time_base) - (self.base_seconds or 0.0)
+        """Seconds since this destination's first packet."""
+        return float(packet.dts * time_base) - (self.first_seconds or 0.0)
 
     def close(self) -> None:
         """Write the trailer (a playable file) and close; a recording that got no packet is removed."""
         self.container.close()
-        if self.target.kind == "record" and self.base_seconds is None:
+        if self.target.kind == "record" and self.first_seconds is None:
             Path(self.path).unlink(missing_ok=True)
 
 
@@ -135,23 +142,31 @@ def run_muxer(target: MuxTarget, template: bytes, time_bases: tuple[Fraction, Fr
                 target.rotate_seconds
                 and packet.stream == VIDEO
                 and packet.keyframe
-                and dest.base_seconds is not None
+                and dest.first_seconds is not None
                 and dest.media_seconds(packet, tb) >= target.rotate_seconds
             ):
+                # A recording starts its next file; a stream reconnects (a planned reconnect
+                # before an ingest's session cap). Either way the new one begins at this keyframe.
                 dest.close()
-                events.send(("rotated", dest.path))
-                dest = _Destination(target, template, time_bases)
+                events.send(("rotated", dest.path if target.kind == "record" else ""))
+                continued = dest.base_seconds if target.kind == "rtmp" else None
+                dest = _Destination(target, template, time_bases, continue_from=continued)
+            first_write = dest.first_seconds is None
             written = dest.write(packet, tb)
             if written:
                 heartbeat[BYTES] += written
                 heartbeat[PACKETS] += 1
+                if first_write:
+                    # Where this file/connection starts in media time: timelines are made relative to it.
+                    started = (dest.path if target.kind == "record" else "", dest.first_seconds)
+                    events.send(("started", started))
                 if not announced:
                     heartbeat[CONNECTED] = 1
                     announced = True
-                    events.send(("connected", dest.path))
+                    events.send(("connected", dest.path if target.kind == "record" else ""))
         dest.close()
+        events.send(("closed", dest.path if target.kind == "record" else ""))
         dest = None
-        events.send(("closed", ""))
     except EOFError:
         # The parent went away: finish the file so a recording stays playable.
         if dest is not None:
