@@ -58,7 +58,7 @@ class Sample:
     @property
     def rss_total_mb(self) -> float:
         """Main process plus every child (engine, muxers)."""
-        return self.rss_main_mb + self.rss_children_mb
+        return round(self.rss_main_mb + self.rss_children_mb, 1)
 
 
 def _rss_kb(pid: int) -> int:
@@ -122,7 +122,7 @@ def soak_settings(base: Settings | None, work: Path, rtmp: str | None, planned_r
 
 
 async def _soak(service: Service, minutes: float, sample_s: float, switch_s: float,
-                samples: list[Sample]) -> None:
+                samples: list[Sample], csv_path: Path) -> None:
     runner = asyncio.create_task(service.run())
     # Measure from the engine's first frames on; the slate before them is start-up, not the soak.
     while service.supervisor is None or service.supervisor.state != "running":
@@ -137,6 +137,9 @@ async def _soak(service: Service, minutes: float, sample_s: float, switch_s: flo
     next_switch = started + switch_s
     switches = 0
     end = started + minutes * 60
+    out = csv_path.open("w", newline="")
+    writer = csv.writer(out)
+    writer.writerow([f.name for f in fields(Sample)] + ["rss_total_mb"])
     while time.monotonic() < end and not runner.done():
         await asyncio.sleep(min(sample_s, max(0.0, end - time.monotonic())))
         now = time.monotonic()
@@ -164,6 +167,10 @@ async def _soak(service: Service, minutes: float, sample_s: float, switch_s: flo
             engine_restarts=engine.get("restarts", 0),
             switches=service.switches.on_air_seq,
         ))
+        # Written as it goes: an hours-long run that dies still leaves its evidence.
+        writer.writerow([getattr(samples[-1], f.name) for f in fields(Sample)] + [samples[-1].rss_total_mb])
+        out.flush()
+    out.close()
     service.request_stop()
     await runner
 
@@ -179,14 +186,9 @@ def bench_soak(minutes: float, config: str | None = None, rtmp: str | None = Non
     settings = soak_settings(base, work, rtmp, planned_reconnect_s)
     service = Service(settings)
     samples: list[Sample] = []
-    asyncio.run(_soak(service, minutes, sample_s, switch_s, samples))
+    asyncio.run(_soak(service, minutes, sample_s, switch_s, samples, work / "soak-samples.csv"))
     if not samples:
         return "bench soak: no samples (the run was shorter than one sample interval)"
-    with (work / "soak-samples.csv").open("w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow([f.name for f in fields(Sample)] + ["rss_total_mb"])
-        for s in samples:
-            writer.writerow([getattr(s, f.name) for f in fields(Sample)] + [round(s.rss_total_mb, 1)])
     return report(samples, settings, minutes, work)
 
 
