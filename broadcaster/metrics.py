@@ -63,6 +63,12 @@ class Metrics:
         self.engine_crash_loop = Gauge(
             "promptcast_engine_crash_loop", "1 while the engine restarts in a crash loop", registry=r)
 
+        self.autopilot_engaged = Gauge(
+            "promptcast_autopilot_engaged", "1 while the autopilot plays the programme (chat quiet or off)",
+            registry=r)
+        self.chat_steering_enabled = Gauge(
+            "promptcast_chat_steering_enabled", "1 while the programme lets chat steer", registry=r)
+
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)

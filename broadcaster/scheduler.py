@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Hashable
 from datetime import datetime
 
+from broadcaster.metrics import Metrics
 from broadcaster.schedule import Clock, Programme, ScheduleSettings, Slot
 from chat.events import QueuedPrompt
 from chat.steering import Steering
@@ -31,8 +32,10 @@ class Scheduler:
     """The programme at runtime: chat policy per window, boundaries, and the autopilot."""
 
     def __init__(self, settings: ScheduleSettings, steering: Steering, clock: Clock,
-                 on_boundary: Callable[[Slot], None] = lambda slot: None, default_mode: str | None = None):
+                 on_boundary: Callable[[Slot], None] = lambda slot: None, default_mode: str | None = None,
+                 metrics: Metrics | None = None):
         """`default_mode` is the mode of windows that set none (default: chat.mode of `steering`)."""
+        self.metrics = metrics
         self.settings = settings
         self.programme = Programme(settings)
         self.steering = steering
@@ -71,6 +74,9 @@ class Scheduler:
                 if self.settings.reanchor_on_boundary:
                     self._boundary(slot)
         self.autopilot = await self._decide(slot, now)
+        if self.metrics is not None:
+            self.metrics.autopilot_engaged.set(1 if self.autopilot == "playing" else 0)
+            self.metrics.chat_steering_enabled.set(1 if slot.chat else 0)
         if self.autopilot == "playing" and slot.item_key != self._issued:
             await self._drop_stale()
             await self.steering.enqueue_direct(slot.prompt, chosen_by=f"{SCHEDULE}{slot.window or 'default'}")

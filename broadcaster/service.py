@@ -81,6 +81,7 @@ class Service:
             "engine": self.supervisor.status() if self.supervisor else {},
             "outputs": {o.name: o.status() for o in self.outputs},
             "whep": self.whep.status() if self.whep else {},
+            "schedule": self.schedule_status(),
         }
 
     async def state(self) -> dict:
@@ -113,7 +114,7 @@ class Service:
             self.store = open_store(s.store, s.channel)
             self.steering = SteeringRuntime(s.chat, self.store, self.supervisor, self.switches, self.metrics)
             self.scheduler = Scheduler(s.schedule, self.steering.steering, SystemClock(),
-                                       on_boundary=self._schedule_boundary)
+                                       on_boundary=self._schedule_boundary, metrics=self.metrics)
             self.pacer = Pacer(ring, encoder, [o.submit for o in self.outputs] + [self.whep.submit],
                                self.metrics, self.switches, s.engine.fps)
             hls = next((o for o in s.outputs if isinstance(o, HlsOutputSettings)), None)

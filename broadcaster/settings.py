@@ -110,6 +110,9 @@ class RecordOutputSettings(_OutputBase):
     dir: Path = Path("./out/rec")
     segment_minutes: float = Field(60.0, gt=0, description="a new file starts at the first keyframe after")
     format: Literal["mp4", "mkv"] = "mp4"
+    keep_hours: float = Field(
+        0, ge=0, description="delete this channel's recordings (and their timelines) older than this, "
+                             "checked at each new file; 0 = keep everything")
 
 
 class WhipOutputSettings(_NetworkOutput):

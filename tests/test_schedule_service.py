@@ -54,8 +54,11 @@ def test_the_programme_plays_and_a_sighup_swaps_it_without_restarting_the_stream
         wait_until(lambda: on_air(channel) == "a paper boat on a rainy street", 20, message=channel.logs())
         schedule = json.loads(channel.get("/api/schedule", token="test-token"))
         health = channel.health()
+        metrics = channel.metrics()
         assert health["engine"]["pid"] == pid and health["engine"]["restarts"] == 0
-        assert channel.metrics()["promptcast_frames_output_total"] > frames
+        assert metrics["promptcast_frames_output_total"] > frames
+    assert health["schedule"]["window"] == "always"
+    assert metrics["promptcast_autopilot_engaged"] == 1 and metrics["promptcast_chat_steering_enabled"] == 0
     assert (schedule["window"], schedule["prompt"], schedule["chat"]) == ("always", "a paper boat on a rainy "
                                                                           "street", False)
 

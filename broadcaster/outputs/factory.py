@@ -59,6 +59,7 @@ def mux_target(output: OutputSettings, name: str, channel: str, keyframe_seconds
             options=options,
             rotate_seconds=output.segment_minutes * 60,
             file_prefix=channel,
+            keep_hours=output.keep_hours,
         )
     raise TypeError(f"no muxer for output kind {output.kind!r}")
 

@@ -22,6 +22,7 @@ from broadcaster.outputs.muxer_process import (
     run_muxer,
 )
 from broadcaster.outputs.rate import ByteRate
+from broadcaster.outputs.retention import prune_recordings
 from broadcaster.packets import AUDIO, VIDEO, EncodedPacket
 from broadcaster.redact import redact_url
 from broadcaster.timeline import RecordingTimeline
@@ -214,6 +215,9 @@ class MuxerOutput:
                         self.files.append(path)
                         if self.timeline is not None:
                             self.timeline.file_started(path, base_seconds)
+                        if self.target.keep_hours:
+                            prune_recordings(self.target.destination, self.target.file_prefix,
+                                             self.target.keep_hours, keep={path})
                 elif kind == "rotated" and self.target.kind == "record":
                     log.info("output %s: finished %s", self.name, detail)
                     if self.timeline is not None:

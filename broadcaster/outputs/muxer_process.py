@@ -44,6 +44,7 @@ class MuxTarget:
     options: dict[str, str] = field(default_factory=dict)
     rotate_seconds: float | None = None
     file_prefix: str = "promptcast"
+    keep_hours: float = 0  # recordings: retention (0 = keep all)
 
 
 class _Destination:
