@@ -186,7 +186,7 @@ class Service:
     def _schedule_boundary(self, slot) -> None:
         # A new programme window: its first prompt also renews the engine's sink (soft re-anchor).
         if self.steering is not None:
-            self.steering.reanchor_next_switch = True
+            self.steering.request_reanchor()
 
     def schedule_status(self) -> dict:
         """The programme now: window, playlist, prompt, autopilot, next boundary."""

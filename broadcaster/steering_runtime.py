@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from broadcaster.backoff import Backoff
@@ -21,6 +22,7 @@ from chat.store import SteeringStore
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
+REANCHOR_WAIT_S = 3.0  # a boundary's re-anchor rides on the programme's switch if one comes this soon
 
 
 def open_store(settings: StoreSettings, channel: str) -> SteeringStore:
@@ -95,7 +97,7 @@ class SteeringRuntime:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
-        self.reanchor_next_switch = False  # the next switch also renews the engine's sink (schedule boundary)
+        self._reanchor_since: float | None = None  # a re-anchor asked for (schedule boundary), not yet sent
         self.aired: list[Callable[[Aired], None]] = []  # told on the event loop when a prompt reaches the air
         switches.listeners.append(self._on_air_from_pacer)
 
@@ -164,16 +166,29 @@ class SteeringRuntime:
                 log.exception("could not read the prompt queue; retrying at the next block")
                 continue
             if prompt is None or prompt.entry_id in {p.entry_id for p in self._in_flight.values()}:
+                self._reanchor_alone()
                 continue
-            reanchor, self.reanchor_next_switch = self.reanchor_next_switch, False
+            reanchor = self._reanchor_since is not None
             try:
                 seq = self.supervisor.switch_prompt(prompt.text, reanchor=reanchor)
             except Exception:  # the switch is retried at the next block; the channel stays up
                 log.exception("prompt switch could not be sent to the engine")
                 continue
+            self._reanchor_since = None
             self._in_flight[seq] = prompt
             log.info("switching to the prompt chosen by %s (#%d%s)", prompt.chosen_by, seq,
                      ", re-anchored" if reanchor else "")
+
+    def request_reanchor(self) -> None:
+        """Renew the engine's sink with the next switch, or on its own if no switch comes soon."""
+        if self._reanchor_since is None:
+            self._reanchor_since = time.monotonic()
+
+    def _reanchor_alone(self) -> None:
+        # Chat has the channel at a boundary and keeps its prompt: re-anchor without a switch.
+        if self._reanchor_since is not None and time.monotonic() - self._reanchor_since > REANCHOR_WAIT_S:
+            self._reanchor_since = None
+            self.supervisor.reanchor()
 
     async def state(self) -> dict:
         """Steering state for the API and overlays."""

@@ -109,3 +109,19 @@ def test_schedule_reload_on_the_embedded_config_is_refused_as_a_conflict(tmp_pat
     ok, problems = Service(Settings()).reload_schedule()
 
     assert not ok and "no file to re-read" in problems[0]
+
+
+def test_a_boundary_while_chat_has_the_channel_reanchors_without_a_switch(tmp_path):
+    chatty = programme("a lighthouse in a winter storm")
+    chatty["windows"][0]["chat"] = True
+    chatty["autopilot"] = {"idle_seconds": 3600}  # chat is not idle: the programme does not play
+    with Channel(tmp_path, small_channel(tmp_path, [], schedule=chatty)) as channel:
+        wait_until(lambda: channel.health()["engine"]["state"] == "running", 20)
+        chatty["windows"][0]["name"] = "evening"
+        rewrite(channel, chatty)
+        status, _ = post(channel, "/api/schedule/reload")
+        wait_until(lambda: channel.metrics().get("promptcast_reanchors_total", 0) >= 1, 20,
+                   message=channel.logs())
+        metrics = channel.metrics()
+    assert status == 200
+    assert metrics.get("promptcast_prompt_switches_total", 0) == 0
