@@ -54,6 +54,7 @@ class Sample:
     planned_reconnects: int
     engine_restarts: int
     switches: int
+    rss_by_process: str = ""  # "engine=.. muxer-rec=.." in MB: which child a trend belongs to
 
     @property
     def rss_total_mb(self) -> float:
@@ -86,6 +87,14 @@ def _descendants(root: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def _rss_by_part(service: Service) -> str:
+    """RSS of the engine and each muxer process, by name."""
+    parts = {"engine": service.supervisor.process if service.supervisor else None}
+    parts.update({f"muxer-{o.name}": getattr(o, "process", None) for o in service.outputs})
+    return " ".join(f"{name}={_rss_kb(proc.pid) / 1024:.1f}" for name, proc in parts.items()
+                    if proc is not None and proc.pid)
 
 
 def slope_per_hour(xs: list[float], ys: list[float]) -> float:
@@ -166,6 +175,7 @@ async def _soak(service: Service, minutes: float, sample_s: float, switch_s: flo
             planned_reconnects=sum(o.get("planned_reconnects", 0) for o in outputs),
             engine_restarts=engine.get("restarts", 0),
             switches=service.switches.on_air_seq,
+            rss_by_process=_rss_by_part(service),
         ))
         # Written as it goes: an hours-long run that dies still leaves its evidence.
         writer.writerow([getattr(samples[-1], f.name) for f in fields(Sample)] + [samples[-1].rss_total_mb])

@@ -75,5 +75,7 @@ def test_a_short_soak_runs_the_real_channel_and_writes_every_sample(tmp_path):
     assert int(samples[-1]["processes"]) >= 4  # this process, the engine, two muxers
     assert float(samples[-1]["rss_children_mb"]) > 0
     assert int(samples[-1]["switches"]) >= 1
+    parts = dict(part.split("=") for part in samples[-1]["rss_by_process"].split())
+    assert set(parts) == {"engine", "muxer-rec", "muxer-hls"} and all(float(v) > 0 for v in parts.values())
     assert "verdict: memory" in text and "machine:" in text
     assert list((tmp_path / "rec").glob("*.timeline.jsonl"))
