@@ -58,7 +58,12 @@ def test_a_running_channel_keeps_only_the_recent_recordings(tmp_path):
               "keep_hours": 5 / 3600}
     with Channel(tmp_path, small_channel(tmp_path, [output])) as channel:
         wait_until(lambda: channel.metrics().get("promptcast_frames_output_total", 0) > 16 * 16, 40)
-        files = sorted(rec.glob("*.mkv"))
+        # Right after a new file appears there is a moment before the old one is pruned.
+        def recent() -> list | None:
+            found = sorted(rec.glob("*.mkv"))
+            return found if len(found) <= 3 else None
+
+        files = wait_until(recent, 10)
         logs = channel.logs()
 
     # About 5 files were written by now (4 s each); only those finished within the last 5 s
