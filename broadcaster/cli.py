@@ -121,7 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     dtype = args.dtype or ("bf16" if torch.cuda.is_available() and args.device != "cpu" else "fp32")
     print(bench_engine(size=args.size, blocks=args.blocks, steps=args.steps, dtype=dtype,
-                       compile_model=args.compile, device=args.device))
+                       compile_model=args.compile, device=args.device, width=args.width, height=args.height))
     return 0
 
 
@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine: default bf16 on CUDA, fp32 on CPU")
     bench.add_argument("--compile", action="store_true", help="engine: torch.compile the DiT")
     bench.add_argument("--device", default=None, help="engine: cuda or cpu (default: cuda if present)")
+    bench.add_argument("--width", type=int, default=None,
+                       help="engine: frame width in pixels, a multiple of 16 (default: the preset's)")
+    bench.add_argument("--height", type=int, default=None,
+                       help="engine: frame height in pixels, a multiple of 16 (default: the preset's)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -60,6 +60,13 @@ class Metrics:
         self.queue_depth = Gauge("promptcast_queue_depth", "Prompts waiting to be played", registry=r)
         self.engine_up = Gauge("promptcast_engine_up", "1 while the engine process delivers frames",
                                registry=r)
+        self.engine_phase = Gauge(
+            "promptcast_engine_phase",
+            "1 for the engine's current phase (loading, warmup, compiling, running)",
+            ["phase"], registry=r)
+        self.engine_load_bytes = Gauge(
+            "promptcast_engine_load_bytes", "Bytes of weight files the loading engine has read so far",
+            registry=r)
         self.engine_crash_loop = Gauge(
             "promptcast_engine_crash_loop", "1 while the engine restarts in a crash loop", registry=r)
 

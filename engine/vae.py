@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.checkpoints import CheckpointError, check_state_dict, read_checkpoint
+from engine.progress import LoadProgress
 
 # Per-channel statistics of Wan2.1's latent space (hard-coded in Wan and LongLive, not in the file).
 # The DiT works on (z - mean) / std; the decoder needs z back.
@@ -368,7 +369,8 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_vae_decoder(path: str | Path, cfg: VAEConfig = PRESETS["wan2.1"], device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> WanVAEDecoder:
+                     dtype: torch.dtype = torch.float32,
+                     progress: LoadProgress | None = None) -> WanVAEDecoder:
     """The decoder of a Wan VAE checkpoint (`Wan2.1_VAE.pth` layout), built on meta and assigned.
 
     Encoder keys (`encoder.*`, `conv1.*`) are skipped; every other key must be exactly a decoder
@@ -381,6 +383,12 @@ def load_vae_decoder(path: str | Path, cfg: VAEConfig = PRESETS["wan2.1"], devic
     check_state_dict(state, decoder_shapes(cfg), path)
     with torch.device("meta"):
         model = WanVAEDecoder(cfg)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
-                          strict=True, assign=True)
+    loaded = {}
+    for key, tensor in state.items():
+        loaded[key] = tensor.to(device=device, dtype=dtype)
+        if progress is not None:
+            progress.advance(path, tensor.numel() * tensor.element_size())
+    if progress is not None:
+        progress.finish(path)
+    model.load_state_dict(loaded, strict=True, assign=True)
     return model.eval().requires_grad_(False)
