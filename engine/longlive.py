@@ -57,7 +57,9 @@ class LongLiveEngine:
         self.width, self.height, self.fps = settings.width, settings.height, settings.fps
         self.device, self.dtype = resolve_device(settings)
         paths = WeightPaths(settings.weights_dir)
-        progress = LoadProgress([paths.base, paths.lora, paths.text_encoder, paths.vae], report)
+        rate = settings.load_max_mb_s * 1e6 if settings.load_max_mb_s else None
+        progress = LoadProgress([paths.base, paths.lora, paths.text_encoder, paths.vae], report,
+                                max_bytes_per_s=rate)
         cfg = config_from_wan_json(paths.dit_config, settings.height // 8, settings.width // 8)
         model = load_dit(cfg, paths.base, paths.lora, merge_lora=settings.merge_lora, device=self.device,
                          dtype=self.dtype, progress=progress)

@@ -84,6 +84,10 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
     control = _Control(control_conn)
     try:
         events.send(("phase", "loading", None))
+        if spec.backend != "preview":
+            import torch  # noqa: F401  (seconds on a busy machine: a step of the load, so report it)
+
+            events.send(("phase", "loading", None))
         engine = create_engine(spec.backend, spec.settings,
                                report=lambda progress: events.send(("phase", "loading", progress)),
                                heartbeat=ring.beat)

@@ -16,8 +16,12 @@ Report = Callable[[dict], None]
 class LoadProgress:
     """Counts the bytes of each weight file as its tensors are loaded."""
 
-    def __init__(self, files: Iterable[Path], report: Report | None = None, interval_s: float = 0.25):
+    def __init__(self, files: Iterable[Path], report: Report | None = None, interval_s: float = 0.25,
+                 max_bytes_per_s: float | None = None):
+        """`max_bytes_per_s` paces the load (engine.load_max_mb_s): it waits after a tensor that got ahead."""
         self.totals = {Path(f): Path(f).stat().st_size for f in files}
+        self._max_rate = max_bytes_per_s
+        self._started = time.monotonic()
         self.done = dict.fromkeys(self.totals, 0)
         self.current: Path | None = None
         self._report = report
@@ -41,6 +45,12 @@ class LoadProgress:
         # Pickle overhead makes the tensors a little smaller than the file: never past its size.
         self.done[path] = min(self.done.get(path, 0) + nbytes, self.totals.get(path, nbytes))
         self._maybe_report(force=False)
+        if self._max_rate:
+            ahead = self.done_bytes / self._max_rate - (time.monotonic() - self._started)
+            while ahead > 0:  # in short sleeps, so the reports keep coming while it waits
+                time.sleep(min(ahead, self._interval_s or 0.25))
+                self._maybe_report(force=False)
+                ahead = self.done_bytes / self._max_rate - (time.monotonic() - self._started)
 
     def finish(self, path: Path) -> None:
         """`path` is fully loaded."""

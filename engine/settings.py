@@ -35,6 +35,11 @@ class EngineSettings(BaseModel):
         120.0, gt=0,
         description="loading phase: an engine whose load reports no progress for this long is restarted",
     )
+    load_max_mb_s: float | None = Field(
+        None, gt=0,
+        description="cap the weight-loading rate (MB/s) so a channel starting on a shared host leaves "
+                    "disk bandwidth to the running ones; default: as fast as the disk goes",
+    )
     warmup_timeout_s: float | None = Field(
         None, gt=0,
         description="warm-up phase (load done -> first block, compile included): its limit; "
