@@ -130,7 +130,7 @@ class StreamingGenerator:
         return float(self._drift)
 
     def _set_prompt(self, prompt_embeds: torch.Tensor) -> None:
-        self.model.encode_text(prompt_embeds.to(self.device), self.text)
+        self.model.encode_text(prompt_embeds.to(self.device), self.text, on_layer=self.on_layer)
 
     def _forward(self, x: torch.Tensor, timestep: float, start_frame: int,
                  sink_recache: bool = False) -> torch.Tensor:

@@ -81,7 +81,8 @@ class LongLiveEngine:
         self.text = TextEncoder.from_files(
             paths.text_encoder, paths.tokenizer, t5_cfg, device=self.device, dtype=self.dtype,
             placement=placement,
-            encoder_dtype=text_encoder_dtype(settings, placement, self.dtype), progress=progress)
+            encoder_dtype=text_encoder_dtype(settings, placement, self.dtype), progress=progress,
+            on_layer=heartbeat)
         vae_cfg = VAEConfig.from_state_dict(read_checkpoint(paths.vae))
         self.decoder = StreamingDecoder(load_vae_decoder(paths.vae, vae_cfg, device=self.device,
                                                          dtype=self.dtype, progress=progress))

@@ -324,12 +324,15 @@ class CausalWanModel(nn.Module):
             self._rope = Rope(cfg.head_dim, cfg.rope_max_frames, cfg.grid, device)
         return self._rope
 
-    def encode_text(self, prompt_embeds: torch.Tensor, cache: CrossCache) -> None:
+    def encode_text(self, prompt_embeds: torch.Tensor, cache: CrossCache,
+                    on_layer: Callable[[], None] | None = None) -> None:
         """Embed a prompt ([B, text_len, text_dim], zero past its tokens) and fill every layer's text K/V."""
         context = self.text_embedding(prompt_embeds.to(self.dtype))
         for i, block in enumerate(self.blocks):
             k, v = block.cross_attn.text_kv(context)
             cache.store(i, k, v)
+            if on_layer is not None:
+                on_layer()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache, plan: SelfAttnPlan,
                 text: CrossCache, on_layer: Callable[[], None] | None = None) -> torch.Tensor:

@@ -24,7 +24,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,8 +245,9 @@ class UMT5Encoder(nn.Module):
         self.blocks = nn.ModuleList(T5Block(cfg) for _ in range(cfg.num_layers))
         self.norm = T5RMSNorm(cfg.dim, cfg.eps)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [B, L] int; mask [B, L] (1 = token, 0 = padding) or None for no padding."""
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                on_layer: Callable[[], None] | None = None) -> torch.Tensor:
+        """ids [B, L] int; mask [B, L] (1 = token, 0 = padding) or None; `on_layer` runs after each layer."""
         b, length = ids.shape
         x = self.token_embedding(ids)
         if mask is None:
@@ -260,6 +261,8 @@ class UMT5Encoder(nn.Module):
             pos = shared if shared is not None else block.pos_embedding(buckets)
             bias = pos.to(x.dtype).expand(b, -1, -1, -1).masked_fill(padded_key, fill)
             x = block(x, bias)
+            if on_layer is not None:
+                on_layer()  # an XXL encode on a CPU takes many seconds: show it is moving
         x = self.norm(x)
         # LongLive zeroes every row from the real token count on (EOS is a real token).
         count = mask.gt(0).sum(dim=1)
@@ -429,7 +432,8 @@ class TextEncoder:
     """
 
     def __init__(self, encoder: UMT5Encoder, tokenizer: PromptTokenizer, device: str | torch.device = "cuda",
-                 dtype: torch.dtype = torch.bfloat16, cache_size: int = 64, placement: str = "gpu"):
+                 dtype: torch.dtype = torch.bfloat16, cache_size: int = 64, placement: str = "gpu",
+                 on_layer: Callable[[], None] | None = None):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if cache_size < 0:
@@ -452,6 +456,7 @@ class TextEncoder:
                              f"it is on {weight.device}; "
                              "load it there (load_umt5(device=...))")
         self.encoder = encoder.eval().requires_grad_(False)
+        self.on_layer = on_layer
         self.model_calls = 0
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
@@ -460,7 +465,8 @@ class TextEncoder:
     def from_files(cls, weights: str | Path, tokenizer_dir: str | Path, cfg: UMT5Config | str = "umt5-xxl", *,
                    device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                    placement: str = "gpu", cache_size: int = 64, encoder_dtype: torch.dtype | None = None,
-                   progress: LoadProgress | None = None) -> TextEncoder:
+                   progress: LoadProgress | None = None,
+                   on_layer: Callable[[], None] | None = None) -> TextEncoder:
         """Load the checkpoint straight onto its final device and run dtype, and the tokenizer folder.
 
         `encoder_dtype` is the dtype the encoder runs in: by default `dtype` on the GPU and fp32
@@ -472,7 +478,8 @@ class TextEncoder:
         encoder = load_umt5(weights, cfg, device=home, dtype=run_dtype,
                             progress=progress)
         tokenizer = PromptTokenizer.from_dir(tokenizer_dir, text_len=cfg.text_len)
-        return cls(encoder, tokenizer, device=device, dtype=dtype, cache_size=cache_size, placement=placement)
+        return cls(encoder, tokenizer, device=device, dtype=dtype, cache_size=cache_size, placement=placement,
+                   on_layer=on_layer)
 
     @property
     def dim(self) -> int:
@@ -516,7 +523,7 @@ class TextEncoder:
         ids, mask = self.tokenizer(prompt)
         home = self.encoder.token_embedding.weight.device
         with torch.inference_mode():
-            out = self.encoder(ids.to(home), mask.to(home))
+            out = self.encoder(ids.to(home), mask.to(home), on_layer=self.on_layer)
             out = out.to(device=self.device, dtype=self.dtype)
         self.model_calls += 1
         return out
