@@ -84,8 +84,8 @@ class LongLiveEngine:
             encoder_dtype=text_encoder_dtype(settings, placement, self.dtype), progress=progress,
             on_layer=heartbeat)
         vae_cfg = VAEConfig.from_state_dict(read_checkpoint(paths.vae))
-        self.decoder = StreamingDecoder(load_vae_decoder(paths.vae, vae_cfg, device=self.device,
-                                                         dtype=self.dtype, progress=progress))
+        vae = load_vae_decoder(paths.vae, vae_cfg, device=self.device, dtype=self.dtype, progress=progress)
+        self.decoder = StreamingDecoder(vae, on_layer=heartbeat)
         self.load_seconds = time.perf_counter() - started
         log.info("longlive loaded %.1f GB in %.1fs on %s (%s; text encoder on %s in %s): DiT %dx%d latents, "
                  "%d steps, rope %s, global_sink %s", progress.total_bytes / 1e9, self.load_seconds,
