@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing as mp
 import queue
@@ -108,7 +109,12 @@ class MuxerOutput:
                     break
             first = False
             started = time.monotonic()
-            await self._run_once()
+            try:
+                await self._run_once()
+            except Exception as exc:  # no pipe, no thread, no process (fds or memory run out): retry
+                self._set_connected(False)
+                self.last_error = f"could not start the muxer: {type(exc).__name__}: {exc}"
+                log.warning("output %s: %s", self.name, self.last_error)
             if time.monotonic() - started > STABLE_SECONDS:
                 self.backoff.reset()
 
@@ -118,26 +124,40 @@ class MuxerOutput:
             await asyncio.sleep(min(0.1, end - time.monotonic()))
 
     async def _run_once(self) -> None:
-        heartbeat = _CTX.Array("d", 4, lock=False)
-        packets_read, packets_write = _CTX.Pipe(duplex=False)
-        events_read, events_write = _CTX.Pipe(duplex=False)
-        process = _CTX.Process(
-            target=run_muxer,
-            args=(self.target, self.template, self.time_bases, packets_read, heartbeat, events_write),
-            name=f"muxer-{self.name}",
-            daemon=True,
-        )
-        heartbeat[BEAT] = time.monotonic()
-        process.start()
-        packets_read.close()
-        events_write.close()
-        self.process, self._heartbeat = process, heartbeat
-        self._drain_queue()
-        self._need_keyframe = True
-        self._accepting = True
-        writer = threading.Thread(target=self._write_loop, args=(packets_write,), daemon=True,
-                                  name=f"writer-{self.name}")
-        writer.start()
+        with contextlib.ExitStack() as opened:
+            # Whatever was opened before a failure (EMFILE in the second pipe...) is closed again.
+            heartbeat = _CTX.Array("d", 4, lock=False)
+            packets_read, packets_write = _CTX.Pipe(duplex=False)
+            opened.callback(packets_read.close)
+            opened.callback(packets_write.close)
+            events_read, events_write = _CTX.Pipe(duplex=False)
+            opened.callback(events_read.close)
+            opened.callback(events_write.close)
+            process = _CTX.Process(
+                target=run_muxer,
+                args=(self.target, self.template, self.time_bases, packets_read, heartbeat, events_write),
+                name=f"muxer-{self.name}",
+                daemon=True,
+            )
+            heartbeat[BEAT] = time.monotonic()
+            process.start()
+            packets_read.close()
+            events_write.close()
+            writer = threading.Thread(target=self._write_loop, args=(packets_write,), daemon=True,
+                                      name=f"writer-{self.name}")
+            try:
+                self.process, self._heartbeat = process, heartbeat
+                self._drain_queue()
+                self._need_keyframe = True
+                self._accepting = True
+                writer.start()
+            except BaseException:
+                self._accepting = False
+                process.kill()
+                raise
+            await self._supervise(process, heartbeat, writer, packets_write, events_read)
+
+    async def _supervise(self, process, heartbeat, writer, packets_write, events_read) -> None:
         log.info("output %s: muxer pid %d -> %s", self.name, process.pid, self.shown_destination)
         try:
             while process.is_alive():
@@ -162,7 +182,7 @@ class MuxerOutput:
             self._set_connected(False)
             self._drain_queue()
             self._queue.put_nowait(_STOP)
-            writer.join(timeout=2)
+            await asyncio.to_thread(writer.join, 2)  # never on the event loop: the pipe may be stuck
             packets_write.close()
             events_read.close()
             if process.exitcode not in (0, None) and not self._closing and not self.last_error:
