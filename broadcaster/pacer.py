@@ -31,7 +31,8 @@ RESYNC_AFTER_S = 1.0  # further behind than this, the clock jumps instead of bur
 def sink_name(sink: Callable[..., Any]) -> str:
     """A sink's label in logs and `promptcast_task_failures_total`: `sink-<output>` or its function."""
     owner = getattr(sink, "__self__", None)
-    label = getattr(owner, "name", None) or getattr(sink, "__qualname__", None) or type(sink).__name__
+    label = (getattr(owner, "name", None) if owner is not None else None) or getattr(
+        sink, "__qualname__" if owner is not None else "__name__", None) or type(sink).__name__
     return f"sink-{label}"
 
 
