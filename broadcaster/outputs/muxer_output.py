@@ -7,6 +7,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import queue
+import shutil
 import threading
 import time
 from fractions import Fraction
@@ -33,6 +34,16 @@ log = logging.getLogger(__name__)
 _STOP = object()
 _CTX = mp.get_context("spawn")
 STABLE_SECONDS = 30.0  # a connection that lasted this long resets the backoff
+DISK_POLL_S = 2.0
+RESUME_FREE_BYTES = 64 * 1024 * 1024  # (or a quarter of a smaller file system) before a recording resumes
+
+
+def _has_room(directory: str) -> bool:
+    try:
+        usage = shutil.disk_usage(directory)
+    except OSError:
+        return True  # gone or unreadable: let the muxer try and say why
+    return usage.free >= min(RESUME_FREE_BYTES, usage.total // 4)
 
 
 class MuxerOutput:
@@ -66,6 +77,7 @@ class MuxerOutput:
         self.last_error = ""
         self.files: list[str] = []
         self.planned_reconnects = 0
+        self.disk_full = False
         # Recordings only: the prompt timeline written beside each file.
         self.timeline: RecordingTimeline | None = RecordingTimeline() if target.kind == "record" else None
         self._rate = ByteRate()
@@ -115,8 +127,21 @@ class MuxerOutput:
                 self._set_connected(False)
                 self.last_error = f"could not start the muxer: {type(exc).__name__}: {exc}"
                 log.warning("output %s: %s", self.name, self.last_error)
+            if self.disk_full:
+                await self._wait_for_space()
             if time.monotonic() - started > STABLE_SECONDS:
                 self.backoff.reset()
+
+    async def _wait_for_space(self) -> None:
+        """A full disk pauses the recording (no new empty file per retry) until space returns."""
+        log.error("output %s: disk full at %s; recording paused until space returns (%s)", self.name,
+                  self.target.destination, self.last_error)
+        while not self._closing and not _has_room(self.target.destination):
+            await self._sleep_unless_closing(DISK_POLL_S)
+        self.disk_full = False
+        if not self._closing:
+            log.info("output %s: disk space is back; recording resumes", self.name)
+            self.backoff.reset()
 
     async def _sleep_unless_closing(self, delay: float) -> None:
         end = time.monotonic() + delay
@@ -251,6 +276,8 @@ class MuxerOutput:
                     self.timeline.file_finished(detail)
                 elif kind == "error":
                     self.last_error = detail
+                elif kind == "disk_full":
+                    self.last_error, self.disk_full = detail, True
         except (EOFError, OSError):
             return
 
@@ -283,6 +310,7 @@ class MuxerOutput:
             "last_error": self.last_error,
             "heartbeat_age_s": round(time.monotonic() - hb[BEAT], 2) if hb is not None else None,
             "alive": bool(hb is not None and hb[CONNECTED] and self.connected),
+            "disk_full": self.disk_full,
         }
 
     async def close(self) -> None:
