@@ -77,6 +77,7 @@ class Pacer:
         self.repeated = 0
         self.resyncs = 0
         self.max_gap_s = 0.0  # longest time between two output frames (reset by whoever reads it)
+        self.gap_windows: dict[str, float] = {}  # the same, one per reader that resets its own (bench)
         self.late_frames = 0  # output frames that came more than 1.5 intervals after the previous one
         self.last_tick = time.monotonic()
         self._consumed = 0
@@ -136,6 +137,9 @@ class Pacer:
             # Output stalls: the soak benchmark reads these (a gap over 1.5 intervals is a visible hitch).
             gap = now - self.last_tick
             self.max_gap_s = max(self.max_gap_s, gap)
+            for reader, worst in self.gap_windows.items():
+                if gap > worst:
+                    self.gap_windows[reader] = gap
             if gap > 1.5 / self.out_fps:
                 self.late_frames += 1
         self.last_tick = now
