@@ -174,7 +174,9 @@ class ServerSettings(_Strict):
     whep_max_viewers: int = Field(
         10, ge=0, le=1000, description="concurrent WHEP viewers; more get 503 (0 turns WHEP viewing off)")
     whep_pending_per_client: int = Field(
-        2, ge=1, le=1000, description="WHEP offers not yet connected per client address; more get 429")
+        5, ge=1, le=1000,
+        description="WHEP offers not yet connected per client address; more get 429 (half the default "
+                    "viewer slots: one machine may open several previews at once, not take them all)")
     max_connections: int = Field(
         256, ge=8, le=100_000,
         description="open HTTP connections at most (and at most half the open-file limit); more are "

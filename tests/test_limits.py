@@ -201,7 +201,7 @@ async def _offer() -> tuple[RTCPeerConnection, str]:
 async def test_offers_that_never_connect_hold_at_most_two_slots_per_address():
     encoder = StreamEncoder(EncoderSettings(preset="ultrafast", codec="libx264", threads=1), 64, 48, 16)
     metrics = Metrics()
-    hub = WhepHub(ServerSettings(whep_max_viewers=10), encoder, metrics)
+    hub = WhepHub(ServerSettings(whep_max_viewers=10, whep_pending_per_client=2), encoder, metrics)
     server, _ = await _server(prepare=hub.add_routes)
     peers = []
     try:
