@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import resource
+import time
 
 from aiohttp import web
 
@@ -72,3 +74,40 @@ class ConnectionCap:
         self.open -= 1
         self.metrics.http_connections.set(self.open)
         self._lost(handler, exc)
+
+
+class AcceptErrorFilter(logging.Filter):
+    """asyncio logs a traceback for every refused accept() at the fd limit (a hundred a second):
+    keep one line per `every_s`, without the traceback, saying how many were folded into it."""
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self, every_s: float = 10.0, clock=time.monotonic):
+        super().__init__()
+        self.every_s = every_s
+        self.clock = clock
+        self._last = -every_s
+        self._folded = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for the repeats; the kept record is shortened to one line."""
+        if not str(record.msg).startswith(self.MESSAGE):
+            return True
+        now = self.clock()
+        if now - self._last < self.every_s:
+            self._folded += 1
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        record.msg = (f"{self.MESSAGE} ({error}); new HTTP connections wait until descriptors are free"
+                      + (f" ({self._folded} more since the last line)" if self._folded else ""))
+        record.args, record.exc_info, record.exc_text = (), None, None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self._last, self._folded = now, 0
+        return True
+
+
+def quiet_accept_errors() -> None:
+    """Install the filter once on the asyncio logger."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, AcceptErrorFilter) for f in logger.filters):
+        logger.addFilter(AcceptErrorFilter())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from broadcaster.connections import ConnectionCap, fd_status
+from broadcaster.connections import ConnectionCap, fd_status, quiet_accept_errors
 from broadcaster.encoder import StreamEncoder
 from broadcaster.health import HealthVerdict
 from broadcaster.http import make_app
@@ -173,6 +173,7 @@ class Service:
             runner = web.AppRunner(app, access_log=None, keepalive_timeout=s.server.idle_timeout_s)
             await runner.setup()
             self.connections = ConnectionCap(runner.server, s.server.max_connections, self.metrics)
+            quiet_accept_errors()
             site = web.TCPSite(runner, s.server.host, s.server.port)
             await site.start()
             self.http_port = runner.addresses[0][1]

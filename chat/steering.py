@@ -226,9 +226,10 @@ class Steering:
         chosen = pool.get(suggestion_id)
         if chosen is None:
             return None
-        await self.store.remove_suggestions([suggestion_id])
+        # Queued before it leaves the pool: a store failing in between leaves it in both, never in neither.
         entry = await self.store.enqueue(chosen.text, f"@{chosen.login} (approved by {by})", chosen.id,
                                          self.clock())
+        await self.store.remove_suggestions([suggestion_id])
         self.last_activity = self.clock()
         self.hooks.prepare(entry.text)
         await self._report_depth()

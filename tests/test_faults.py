@@ -69,6 +69,18 @@ class Sender:
         return status
 
 
+def _prompt_status(channel: Channel) -> int:
+    request = urllib.request.Request(
+        channel.url("/api/prompt"), method="POST", data=json.dumps({"prompt": "a quiet harbour"}).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=12) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        assert exc.code != 503 or exc.headers.get("Retry-After"), "503 without Retry-After"
+        return exc.code
+
+
 class Gaps:
     """Polls the output frame counter from outside; the longest time it did not move."""
 
@@ -175,6 +187,7 @@ def test_redis_kill_pause_nginx_kill_engine_kill_and_stop(tmp_path):
             redis.kill()
             refused = [sender.say() for _ in range(3)]
             assert set(refused) == {503}, refused
+            assert _prompt_status(channel) == 503  # the panel's direct prompt too
             redis.start()
             recovery = _recovered(lambda: sender.say() == 202, 30)
             for _ in range(5):

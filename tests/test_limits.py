@@ -291,3 +291,24 @@ def test_healthz_verdict_names_what_is_down_after_a_grace():
     now[0] += GRACE_S
     assert any(r.startswith("output rtmp-0 down: Connection refused") for r in verdict.reasons(parts))
     assert fd_status()["open_fds"] > 0 and fd_status()["fd_limit"] > 0
+
+
+def test_accept_errors_at_the_fd_limit_are_one_line_per_interval():
+    import logging
+
+    from broadcaster.connections import AcceptErrorFilter
+
+    now = [100.0]
+    folded = AcceptErrorFilter(every_s=10, clock=lambda: now[0])
+    records = []
+    for _ in range(50):
+        record = logging.LogRecord("asyncio", logging.ERROR, "", 0, AcceptErrorFilter.MESSAGE, (),
+                                   (OSError, OSError(24, "Too many open files"), None))
+        if folded.filter(record):
+            records.append(record)
+    now[0] += 10
+    record = logging.LogRecord("asyncio", logging.ERROR, "", 0, AcceptErrorFilter.MESSAGE, (), None)
+    assert folded.filter(record)
+    assert len(records) == 1 and records[0].exc_info is None and records[0].levelname == "WARNING"
+    assert "Too many open files" in records[0].getMessage()
+    assert "49 more" in record.getMessage()
