@@ -21,8 +21,9 @@ from dataclasses import dataclass
 
 from aiohttp import ClientSession, ClientTimeout
 
+from broadcaster.api_token import api_token
 from broadcaster.connections import open_fds
-from broadcaster.service import Service, api_token
+from broadcaster.service import Service
 
 LINES_PER_FAULT = 5
 RECOVERY_TIMEOUT_S = 120.0

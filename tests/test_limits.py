@@ -14,13 +14,13 @@ from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from aiortc import RTCPeerConnection
 
+from broadcaster.api_token import TokenError, api_token
 from broadcaster.connections import ConnectionCap, fd_status
 from broadcaster.encoder import StreamEncoder
 from broadcaster.health import GRACE_S, HealthVerdict
 from broadcaster.http import make_app
 from broadcaster.metrics import Metrics
 from broadcaster.pacer import Pacer
-from broadcaster.service import TokenError, api_token
 from broadcaster.settings import ConfigError, EncoderSettings, ServerSettings, Settings, parse_settings
 from broadcaster.switches import SwitchTracker
 from broadcaster.tasks import FailureLog, background, keep_running
