@@ -135,7 +135,7 @@ def _row(fault: str, injected: int, sender: Sender | None, stored: list[str] | N
          recovery: float) -> None:
     late = gaps.late if gaps else 0
     # Where /metrics could not be read (the fd limit stops accepting), only the clock's own count says.
-    gap = f"{gaps.longest:.2f} s" if gaps and gaps.samples >= 10 else "not readable"
+    gap = "–" if gaps is None else f"{gaps.longest:.2f} s" if gaps.samples >= 10 else "not readable"
     accepted = len(sender.accepted) if sender else 0
     found = sum(1 for t in set(sender.accepted) if t in set(stored)) if sender and stored is not None else 0
     duplicates = sum(n - 1 for n in Counter(stored or []).values() if n > 1)
