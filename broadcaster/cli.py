@@ -108,7 +108,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         print(bench_soak(minutes=args.minutes, config=args.config, rtmp=args.rtmp,
                          planned_reconnect_s=args.planned_reconnect_seconds, sample_s=args.sample_seconds,
-                         switch_s=args.switch_seconds, out_dir=args.out))
+                         switch_s=args.switch_seconds, out_dir=args.out, faults=args.faults))
         return 0
     if args.what == "webrtc":
         from broadcaster.bench_webrtc import bench_webrtc
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="soak: planned RTMP reconnect interval (exercises the 48 h-cap reconnect)")
     bench.add_argument("--sample-seconds", type=float, default=10.0, help="soak: sampling interval")
     bench.add_argument("--switch-seconds", type=float, default=30.0, help="soak: prompt switch interval")
+    bench.add_argument("--faults", action="store_true",
+                       help="soak: inject faults in turn (engine/muxer kills, fd exhaustion), measure each")
     bench.add_argument("--out", default=None, help="soak: directory for outputs and the samples CSV")
     bench.add_argument("--redis", default=None, help="chat: a Redis URL (default: the in-process store)")
     bench.add_argument("--frames", type=int, default=320, help="output: frames per configuration")

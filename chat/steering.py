@@ -17,7 +17,7 @@ from chat.commands import Refusal, parse_command
 from chat.events import ChatEvent, QueuedPrompt, Suggestion, VoteRound
 from chat.moderation import Moderator, fold
 from chat.settings import ChatSettings
-from chat.store import SteeringStore
+from chat.store import SteeringStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ class Steering:
         if not self.chat_enabled:
             await self._refuse(event, "steering_off", STEERING_OFF)
             return
-        decision = self.moderator.check(event, text, banned=await self.store.banned())
+        # commit=False: a line the store cannot take must not count as a duplicate or against the rate.
+        decision = self.moderator.check(event, text, banned=await self.store.banned(), commit=False)
         if not decision.accepted:
             await self._refuse(event, decision.reason, decision.message)
             return
@@ -141,15 +142,22 @@ class Steering:
                 await self._refuse(event, *refusal)
                 return
             entry = await self.store.enqueue(decision.text, f"@{event.login}", None, self.clock())
+            self._kept(event, decision)
             self._last_queued_by[event.user_id] = self.clock()
             self.hooks.prepare(entry.text)
-            await self._reply(event, f"queued (#{await self.store.queue_depth()})")
+            depth = await self._report_depth()
+            await self._reply(event, f"queued (#{depth})" if depth is not None else "queued")
         else:
             await self.store.add_suggestion(decision.text, decision.raw, event.user_id, event.login,
                                             event.source, self.clock())
+            self._kept(event, decision)
             await self._reply(event, "added to the next vote" if mode == "vote" else "waiting for approval")
+            await self._report_depth()
+
+    def _kept(self, event: ChatEvent, decision) -> None:
+        # Only now, with the store holding it, does the line count for duplicates and the rate limit.
+        self.moderator.note_accepted(event, decision)
         self.last_activity = self.clock()
-        await self._report_depth()
 
     async def _queue_refusal(self, event: ChatEvent) -> tuple[str, str] | None:
         cfg = self.settings.queue
@@ -218,9 +226,10 @@ class Steering:
         chosen = pool.get(suggestion_id)
         if chosen is None:
             return None
-        await self.store.remove_suggestions([suggestion_id])
+        # Queued before it leaves the pool: a store failing in between leaves it in both, never in neither.
         entry = await self.store.enqueue(chosen.text, f"@{chosen.login} (approved by {by})", chosen.id,
                                          self.clock())
+        await self.store.remove_suggestions([suggestion_id])
         self.last_activity = self.clock()
         self.hooks.prepare(entry.text)
         await self._report_depth()
@@ -308,8 +317,15 @@ class Steering:
         self.skip_requested = False
         await self._report_depth()
 
-    async def _report_depth(self) -> None:
-        self.hooks.queue_depth(await self.store.queue_depth())
+    async def _report_depth(self) -> int | None:
+        # Only a gauge: a store that fails here must not turn a kept item into an error.
+        try:
+            depth = await self.store.queue_depth()
+        except StoreUnavailable as exc:
+            log.warning("queue depth not read: %s", exc)
+            return None
+        self.hooks.queue_depth(depth)
+        return depth
 
     async def state(self) -> dict:
         """Round, tally, queue, pool and what is playing — for the API and the overlays."""

@@ -45,7 +45,7 @@ def test_prompt_switch_reaches_the_air_and_its_latency_is_measured(tmp_path):
         wait_until(lambda: channel.health()["engine"]["state"] == "running", 20)
         answer = channel.post_prompt("a deep blue ocean under snow")
         wait_until(lambda: channel.metrics().get("promptcast_prompt_switches_total", 0) >= 1, 10)
-        state = channel.get("/api/state", token="test-token")
+        state = channel.get("/api/state", token="test-token-0123456789")
         metrics = channel.metrics()
 
     assert answer["accepted"] is True
