@@ -47,6 +47,9 @@ class HealthVerdict:
         engine = parts.get("engine") or {}
         if engine.get("state") in ("restarting", "crash-loop"):
             reasons.append(f"engine {engine['state']}: {engine.get('last_error') or 'no detail'}")
+        elif engine.get("state") in ("loading", "warmup", "compiling"):
+            # The clock repeats the last frame meanwhile: on air, but not the model's video yet.
+            reasons.append(f"engine {engine['state']}: {engine.get('phase') or 'starting'}")
         process = parts.get("process") or {}
         if (process.get("fd_use") or 0) >= FD_WARN:
             used, limit = process["open_fds"], process["fd_limit"]

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from broadcaster.health import HealthVerdict
 from engine.progress import LoadProgress, describe
 from engine.settings import EngineSettings
 from tests.supervised import run_supervised, supervised_preview, until
@@ -122,3 +123,12 @@ def test_load_progress_counts_bytes_per_file_and_says_it_in_gigabytes(tmp_path):
     shown = describe({"bytes": 7.2e9, "total": 14.1e9, "file": "t5.pth"})
     assert shown == "loading weights 7.2 / 14.1 GB (t5.pth)"
     assert describe(None) == "loading weights"
+
+
+def test_healthz_is_degraded_with_the_phase_until_the_engine_runs():
+    verdict = HealthVerdict()
+    loading = {"engine": {"state": "loading", "phase": "loading weights 7.2 / 14.1 GB (t5.pth)"}}
+    assert verdict.reasons(loading) == ["engine loading: loading weights 7.2 / 14.1 GB (t5.pth)"]
+    assert verdict.reasons({"engine": {"state": "compiling", "phase": "compiling the DiT (40s)"}}) == [
+        "engine compiling: compiling the DiT (40s)"]
+    assert verdict.reasons({"engine": {"state": "running", "phase": "running"}}) == []
