@@ -98,7 +98,8 @@ def test_recording_rotates_into_valid_files(tmp_path):
 def test_healthz_reports_every_part(tmp_path):
     with Channel(tmp_path, small_channel(tmp_path, [_hls(tmp_path)])) as channel:
         # "degraded" (engine loading) until the engine's first block; then every part is fine.
-        health = wait_until(lambda: (h := channel.health())["status"] == "ok" and h, 30, message=channel.logs())
+        health = wait_until(lambda: (h := channel.health())["status"] == "ok" and h, 30,
+                            message=channel.logs())
     assert health["status"] == "ok"
     assert set(health) >= {"pacer", "engine", "outputs", "channel"}
     assert health["engine"]["backend"] == "preview"
