@@ -13,7 +13,9 @@ import numpy as np
 
 from broadcaster.audio import CHANNELS, SAMPLE_RATE, open_audio
 from broadcaster.packets import AUDIO, OPUS, VIDEO, EncodedPacket
+from broadcaster.sei import tag_access_unit
 from broadcaster.settings import EncoderSettings
+from engine.yuv import planes
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class _Streams:
 
 
 class StreamEncoder:
-    """Turns RGB frames into H.264 + AAC packets at a constant frame rate."""
+    """Turns I420 (or RGB) frames into H.264 + AAC packets at a constant rate, tagged with their prompt."""
 
     def __init__(self, settings: EncoderSettings, width: int, height: int, fps: float):
         self.settings = settings
@@ -111,6 +113,7 @@ class StreamEncoder:
         self._opus_pending = np.zeros((CHANNELS, 0), np.float32)
         self._opus_samples = 0
         self.last_encode_seconds = 0.0
+        self._input: tuple[av.VideoFrame, tuple[np.ndarray, ...]] | None = None  # reused I420 picture
         log.info(
             "encoder: %s %dx%d @ %s fps, %d kbit/s CBR, keyframe every %d frames; AAC %d kbit/s (%s)",
             self.codec, width, height, self.rate, settings.video_bitrate_kbps, self.gop,
@@ -140,16 +143,39 @@ class StreamEncoder:
         twin.container.close()
         return twin.buffer.getvalue()
 
-    def encode(self, rgb: np.ndarray, index: int) -> list[EncodedPacket]:
-        """Encode output frame `index` (scaled to the output size) and the audio up to its end."""
-        started = time.perf_counter()
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+    def _picture(self, image: np.ndarray) -> av.VideoFrame:
+        """`image` (I420 [h * 3 // 2, w], or RGB [h, w, 3]) as a frame at the output size."""
+        if image.ndim == 3:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        else:
+            # One picture reused for every frame: the encoder copies its input before `encode`
+            # returns, so only the pixels are copied in, no frame or buffer is allocated per tick.
+            width, height = image.shape[1], image.shape[0] * 2 // 3
+            if self._input is None or self._input[0].width != width or self._input[0].height != height:
+                picture = av.VideoFrame(width, height, "yuv420p")
+                views = tuple(np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width]
+                              for p in picture.planes)
+                self._input = (picture, views)
+            frame, views = self._input
+            for view, plane in zip(views, planes(image, width, height), strict=True):
+                np.copyto(view, plane)
         if frame.width != self.width or frame.height != self.height:
             frame = frame.reformat(width=self.width, height=self.height, format="yuv420p",
                                    interpolation="BILINEAR")
+        return frame
+
+    def encode(self, image: np.ndarray, index: int, prompt_seq: int = 0) -> list[EncodedPacket]:
+        """Encode output frame `index` (scaled to the output size) and the audio up to its end.
+
+        The video packet carries `prompt_seq` in an SEI message (`broadcaster/sei.py`).
+        """
+        started = time.perf_counter()
+        frame = self._picture(image)
         frame.pts = index
         frame.time_base = self.video_time_base
-        out = [self._wrap(p, VIDEO) for p in self._streams.video.encode(frame)]
+        encoded_at = time.time()
+        out = [self._wrap(p, VIDEO, tag_access_unit(bytes(p), prompt_seq, p.pts, encoded_at))
+               for p in self._streams.video.encode(frame)]
         due = int((index + 1) * SAMPLE_RATE / self.rate)
         if bool(self._opus_owners) != (self._opus is not None):
             self._switch_opus(bool(self._opus_owners))
@@ -220,10 +246,10 @@ class StreamEncoder:
         return out
 
     @staticmethod
-    def _wrap(packet: av.Packet, stream: int) -> EncodedPacket:
+    def _wrap(packet: av.Packet, stream: int, data: bytes | None = None) -> EncodedPacket:
         return EncodedPacket(
             stream=stream,
-            data=bytes(packet),
+            data=bytes(packet) if data is None else data,
             pts=packet.pts if packet.pts is not None else 0,
             dts=packet.dts if packet.dts is not None else (packet.pts or 0),
             duration=packet.duration or 0,

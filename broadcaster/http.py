@@ -443,7 +443,7 @@ class Api:
         return web.json_response({"accepted": True, "action": action, **extra})
 
     async def skip(self, _: web.Request) -> web.Response:
-        self._steering.steering.skip_requested = True
+        self._steering.steering.request_skip()
         return self._done("skip")
 
     async def pause(self, _: web.Request) -> web.Response:

@@ -138,6 +138,16 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "prompt_requested": {"type": ["string", "null"]},
             "prompt_requested_seq": {"type": ["integer", "null"]},
             "last_switch_latency_s": {"type": ["number", "null"]},
+            "recent_switches": {"type": "array", "description": "the last switches on air, newest last",
+                                "items": {"type": "object", "properties": {
+                                    "seq": {"type": "integer"}, "prompt": _STRING,
+                                    "decided_at": {"type": ["number", "null"],
+                                                   "description": "epoch seconds"},
+                                    "encoded_at": {"type": "number",
+                                                   "description": "epoch seconds: first frame encoded"},
+                                    "decision_to_air_s": {"type": "number"}}}},
+            "expected_wait_s": {"type": ["number", "null"],
+                                "description": "how long a prompt queued now waits before it is on air"},
             "engine": {"type": "object"},
             "steering": {"type": ["object", "null"], "properties": {
                 "mode": {"enum": ["vote", "queue", "manual"]},

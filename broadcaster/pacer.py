@@ -22,6 +22,7 @@ from broadcaster.packets import EncodedPacket
 from broadcaster.switches import SwitchTracker
 from broadcaster.tasks import FailureLog
 from engine.ring import FrameRing
+from engine.yuv import rgb_to_i420
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def sink_name(sink: Callable[..., Any]) -> str:
 
 
 def render_slate(width: int, height: int, text: str) -> np.ndarray:
-    """A dark frame with one line of text, shown before the engine's first frame."""
+    """A dark I420 frame with one line of text, shown before the engine's first frame."""
     from PIL import Image, ImageDraw, ImageFont
 
     image = Image.new("RGB", (width, height), (12, 14, 22))
@@ -46,7 +47,7 @@ def render_slate(width: int, height: int, text: str) -> np.ndarray:
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     draw.text(((width - (right - left)) / 2, (height - (bottom - top)) / 2), text, font=font,
               fill=(200, 205, 220))
-    return np.asarray(image, np.uint8).copy()
+    return rgb_to_i420(np.asarray(image, np.uint8))
 
 
 class Pacer:
@@ -65,7 +66,7 @@ class Pacer:
         self.ring = ring
         self.encoder = encoder
         self.sinks = list(sinks)
-        self.frame_sinks: list[Callable[[np.ndarray], None]] = []  # raw frames (virtual camera)
+        self.frame_sinks: list[Callable[[np.ndarray], None]] = []  # raw I420 frames (virtual camera)
         self.lower_third = LowerThird(ring.width, ring.height) if encoder.settings.burn_in_prompt else None
         self.metrics = metrics
         self.switches = switches
@@ -124,7 +125,7 @@ class Pacer:
         frame = self.frame
         if self.lower_third is not None:
             frame = self.lower_third.apply(frame, self.switches.prompt_for(self._seq))
-        packets = self.encoder.encode(frame, index)
+        packets = self.encoder.encode(frame, index, self._seq)
         self.metrics.encode_seconds.observe(self.encoder.last_encode_seconds)
         self.switches.frame_encoded(self._seq, index / self.out_fps)
         for packet in packets:

@@ -36,6 +36,17 @@ class EncodedPacket:
         return cls(stream, raw[_HEADER.size :], pts, dts, duration, bool(flags & _FLAG_KEY))
 
 
+def annexb_spans(data: bytes) -> list[tuple[int, int, int]]:
+    """(start-code offset, payload offset, end) of each NAL unit of an Annex-B access unit."""
+    found: list[tuple[int, int]] = []
+    i = 0
+    while (j := data.find(b"\x00\x00\x01", i)) >= 0:
+        found.append((j - 1 if j > 0 and data[j - 1] == 0 else j, j + 3))
+        i = j + 3
+    return [(code, payload, found[k + 1][0] if k + 1 < len(found) else len(data))
+            for k, (code, payload) in enumerate(found)]
+
+
 def annexb_to_avcc(data: bytes) -> bytes:
     """Rewrite an Annex-B access unit (start codes) as length-prefixed NAL units (FLV/MP4/MKV).
 
@@ -45,17 +56,6 @@ def annexb_to_avcc(data: bytes) -> bytes:
     if not (data.startswith(b"\x00\x00\x01") or data.startswith(b"\x00\x00\x00\x01")):
         raise ValueError("not an Annex-B access unit (no leading start code)")
     out = bytearray()
-    starts: list[tuple[int, int]] = []  # (start-code offset, payload offset)
-    i, n = 0, len(data)
-    while True:
-        j = data.find(b"\x00\x00\x01", i)
-        if j < 0:
-            break
-        code_at = j - 1 if j > 0 and data[j - 1] == 0 else j
-        starts.append((code_at, j + 3))
-        i = j + 3
-    for k, (_, payload) in enumerate(starts):
-        end = starts[k + 1][0] if k + 1 < len(starts) else n
-        nal = data[payload:end]
-        out += len(nal).to_bytes(4, "big") + nal
+    for _, payload, end in annexb_spans(data):
+        out += (end - payload).to_bytes(4, "big") + data[payload:end]
     return bytes(out)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import statistics
 
 from aiohttp import web
 
@@ -82,14 +83,20 @@ class Service:
     async def state(self) -> dict:
         """What is on air and how chat is steering it, for the control API."""
         sup = self.supervisor
+        steering = await self.steering.state() if self.steering else None
+        recent = list(self.switches.recent)
+        typical = statistics.median(r["decision_to_air_s"] for r in recent) if recent else None
         return {
-            "steering": await self.steering.state() if self.steering else None,
+            "steering": steering,
+            "expected_wait_s": self.steering.expected_wait_s(steering, typical) if steering else None,
             "channel": self.settings.channel,
             "prompt_on_air": self.switches.on_air_prompt,
             "prompt_on_air_seq": self.switches.on_air_seq,
             "prompt_requested": sup.prompt if sup else None,
             "prompt_requested_seq": sup.prompt_seq if sup else None,
             "last_switch_latency_s": self.switches.last_latency,
+            # Newest last: decision and first encoded frame (epoch seconds) of each recent switch.
+            "recent_switches": list(self.switches.recent),
             "engine": sup.status() if sup else {},
         }
 

@@ -89,6 +89,7 @@ class SteeringRuntime:
             reply=reply,
             refund=refund,
             prepare=supervisor.prepare_prompt,
+            queued=self.wake,
             announce=announce,
             automod=automod,
         )
@@ -104,13 +105,19 @@ class SteeringRuntime:
         self._reanchor_since: float | None = None  # a re-anchor asked for (schedule boundary), not yet sent
         self.aired: list[Callable[[Aired], None]] = []  # told on the event loop when a prompt reaches the air
         switches.listeners.append(self._on_air_from_pacer)
+        self._wake = asyncio.Event()  # a prompt was queued or reached the air: look at the queue now
 
     def _on_air_from_pacer(self, event: OnAir) -> None:
         # Called in the pacer thread: hop onto the event loop.
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._acknowledge, event)
 
+    def wake(self) -> None:
+        """Look at the queue now rather than at the next block boundary (a prompt was queued, a skip)."""
+        self._wake.set()
+
     def _acknowledge(self, event: OnAir) -> None:
+        self._wake.set()  # the next queued prompt may go as soon as this one is on air
         prompt = self._in_flight.pop(event.seq, None)
         if prompt is not None:
             # Referenced until done, and a failure is logged and counted (the entry replays after a restart).
@@ -174,10 +181,19 @@ class SteeringRuntime:
             await asyncio.sleep(TICK_S)
 
     async def _switch_loop(self) -> None:
-        """At each block boundary, hand the next queued prompt to the engine."""
+        """Hand the next queued prompt to the engine as soon as it is due (applied at its next block)."""
+        # Due: just queued or skipped to (woken), or at a boundary (a minimum play time ran out).
+        block_done = self.supervisor.block_done
         while True:
-            await self.supervisor.block_done.wait()
-            self.supervisor.block_done.clear()
+            boundary = asyncio.ensure_future(block_done.wait())
+            woken = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait((boundary, woken), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                boundary.cancel()
+                woken.cancel()
+            block_done.clear()
+            self._wake.clear()
             try:
                 prompt = await self.steering.next_switch()
             except Exception:
@@ -207,6 +223,28 @@ class SteeringRuntime:
         if self._reanchor_since is not None and time.monotonic() - self._reanchor_since > REANCHOR_WAIT_S:
             self._reanchor_since = None
             self.supervisor.reanchor()
+
+    def expected_wait_s(self, state: dict, switch_s: float | None) -> float | None:
+        """How long a prompt queued now waits until it is on air (`state`: `state()`'s answer).
+
+        `switch_s` is what a switch takes from decision to air (the recent median); None when the
+        wait cannot be known (vote mode between rounds, paused).
+        """
+        steering, now = self.steering, time.time()
+        switch_s = switch_s or 0.0
+        if state["paused"]:
+            return None
+        if state["mode"] == "vote":
+            current = state["round"]
+            if current is None or current["closed"]:
+                return None
+            return round(max(0.0, current["closes_at"] - now) + switch_s, 2)
+        if state["mode"] == "manual":
+            return round(switch_s, 2)  # the panel's prompts and approvals play at once
+        min_play = steering.settings.queue.min_play_seconds
+        # The one playing keeps the rest of its minimum; each queued ahead plays at least min_play.
+        remaining = max(0.0, min_play - (now - steering.on_air_since))
+        return round(remaining + len(state["queue"]) * min_play + switch_s, 2)
 
     async def state(self) -> dict:
         """Steering state for the API and overlays."""

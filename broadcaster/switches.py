@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ class SwitchTracker:
         self.clock = clock
         self._lock = threading.Lock()
         self._decided: dict[int, tuple[float, str]] = {}
+        self._decided_wall: dict[int, float] = {}
+        # The last switches that reached the air: what the panel and `bench switch` read.
+        self.recent: deque[dict] = deque(maxlen=32)
         self.on_air_seq = -1  # 0 is the prompt the stream starts with
         self.on_air_prompt = ""
         self.last_latency: float | None = None
@@ -38,6 +42,7 @@ class SwitchTracker:
         """A switch to `prompt` with number `seq` was decided now."""
         with self._lock:
             self._decided[seq] = (self.clock(), prompt)
+            self._decided_wall[seq] = time.time()
 
     def prompt_for(self, seq: int) -> str:
         """The prompt of switch `seq` (decided, or already on air)."""
@@ -53,6 +58,7 @@ class SwitchTracker:
             now = self.clock()
             for done in sorted(s for s in self._decided if s <= seq):
                 decided_at, prompt = self._decided.pop(done)
+                decided_wall = self._decided_wall.pop(done, None)
                 if done != seq:
                     continue  # superseded before it reached the air
                 self.on_air_prompt = prompt
@@ -63,4 +69,7 @@ class SwitchTracker:
                     self.last_latency = now - decided_at
                     self.metrics.switch_latency.observe(self.last_latency)
                     self.metrics.prompt_switches.inc()
+                    self.recent.append({"seq": seq, "prompt": prompt, "decided_at": decided_wall,
+                                        "encoded_at": event.wall_time,
+                                        "decision_to_air_s": round(self.last_latency, 4)})
             self.on_air_seq = seq

@@ -40,7 +40,7 @@ from prometheus_client import Counter, Gauge
 
 from broadcaster.audio import SAMPLE_RATE
 from broadcaster.metrics import Metrics
-from broadcaster.packets import OPUS, VIDEO, EncodedPacket
+from broadcaster.packets import OPUS, VIDEO, EncodedPacket, annexb_spans
 from broadcaster.settings import IceServerSettings, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -77,17 +77,7 @@ OPUS_PREFERENCES = _codec_preferences("audio", ["audio/opus"])
 
 def nal_units(data: bytes) -> list[bytes]:
     """The NAL units of an Annex-B access unit (start codes removed)."""
-    units: list[bytes] = []
-    starts: list[tuple[int, int]] = []  # (start-code offset, payload offset)
-    i = 0
-    while (j := data.find(b"\x00\x00\x01", i)) >= 0:
-        starts.append((j - 1 if j > 0 and data[j - 1] == 0 else j, j + 3))
-        i = j + 3
-    for k, (_, payload) in enumerate(starts):
-        end = starts[k + 1][0] if k + 1 < len(starts) else len(data)
-        if end > payload:
-            units.append(data[payload:end])
-    return units
+    return [data[payload:end] for _, payload, end in annexb_spans(data) if end > payload]
 
 
 def prepare_video(data: bytes, keyframe: bool, headers: bytes) -> bytes:

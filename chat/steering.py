@@ -35,6 +35,7 @@ class SteeringHooks:
     reply: Callable[[ChatEvent, str], Awaitable[None]] | None = None
     refund: Callable[[ChatEvent], Awaitable[None]] | None = None
     prepare: Callable[[str], None] = lambda text: None  # pre-encode a prompt that may play soon
+    queued: Callable[[], None] = lambda: None  # a prompt joined the queue: a switch may be due now
     announce: Callable[[str], Awaitable[None]] | None = None  # a line to every chat (round open/result)
     automod: Callable[[ChatEvent, str], Awaitable[bool]] | None = None  # Twitch AutoMod, when enabled
 
@@ -94,7 +95,7 @@ class Steering:
         elif kind == "vote":
             await self._vote(event, command.option)
         elif kind == "skip":
-            self.skip_requested = True
+            self.request_skip()
             await self._reply(event, "skipping to the next prompt")
         elif kind == "veto":
             await self._veto(event, command.option)
@@ -145,6 +146,7 @@ class Steering:
             self._kept(event, decision)
             self._last_queued_by[event.user_id] = self.clock()
             self.hooks.prepare(entry.text)
+            self.hooks.queued()
             depth = await self._report_depth()
             await self._reply(event, f"queued (#{depth})" if depth is not None else "queued")
         else:
@@ -232,8 +234,14 @@ class Steering:
         await self.store.remove_suggestions([suggestion_id])
         self.last_activity = self.clock()
         self.hooks.prepare(entry.text)
+        self.hooks.queued()
         await self._report_depth()
         return entry
+
+    def request_skip(self) -> None:
+        """Play the next queued prompt now, without waiting for the minimum play time."""
+        self.skip_requested = True
+        self.hooks.queued()
 
     async def enqueue_direct(self, text: str, chosen_by: str) -> QueuedPrompt:
         """A prompt from the panel or the scheduler: straight into the queue, played next."""
@@ -242,6 +250,7 @@ class Steering:
             self.last_activity = self.clock()  # the programme itself does not count as chat
         self.skip_requested = True  # the panel means now, not after the minimum play time
         self.hooks.prepare(entry.text)
+        self.hooks.queued()
         await self._report_depth()
         return entry
 
@@ -282,6 +291,7 @@ class Steering:
             await self._announce("No winner this round: the suggestions stay in the pool")
             return
         await self.store.enqueue(winner.text, f"@{winner.login} (vote)", winner.id, self.clock())
+        self.hooks.queued()  # its text was prepared when the round opened
         log.info("vote round %s won by option from @%s with %d votes", closed.id, winner.login,
                  max(closed.tally))
         await self._announce(f"Winner: \"{winner.raw}\" by @{winner.login} ({max(closed.tally)} votes)")

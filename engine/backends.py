@@ -73,7 +73,11 @@ def create_engine(name: str, settings: EngineSettings, report: Callable[[dict], 
     if name == "preview":
         from engine.preview import PreviewEngine
 
-        return PreviewEngine(settings.width, settings.height, settings.fps)
+        block = settings.preview_block_frames
+        # Transitions keep LongLive's 0.75 s cross-fade whatever the block length: a short block only
+        # means the switch starts sooner.
+        return PreviewEngine(settings.width, settings.height, settings.fps, first_block_frames=block,
+                             block_frames=block, transition_frames=12, caption=settings.preview_caption)
     if name == "longlive":
         from engine.longlive import LongLiveEngine
 

@@ -19,6 +19,13 @@ class Engine(Protocol):
     sink) at the next block, without a cut; with a switch pending at that block both are
     applied together. `reanchors` and `drift` (counters the engine process reports with
     each block) default to 0 where a backend lacks them.
+
+    Optional: `prepare_prompt(prompt)` gets a likely next prompt ready (text encoding) before it
+    is chosen. Optional: `frame_format = "i420"` says `next_block()` returns I420 frames
+    [T, height * 3 // 2, width] (`engine/yuv.py`) instead of RGB; the engine process then writes
+    them to the ring as they are. That is the hook for a GPU backend to convert before its
+    device-to-host copy (half the bytes, and no CPU conversion); RGB backends are converted in
+    the engine process.
     """
 
     width: int

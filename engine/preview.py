@@ -394,6 +394,7 @@ class PreviewEngine:
         first_block_frames: int = 9,
         block_frames: int = 12,
         transition_frames: int | None = None,
+        caption: bool = True,
     ) -> None:
         for name, value in (("width", width), ("height", height)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % 2:
@@ -415,6 +416,7 @@ class PreviewEngine:
         self.first_block_frames = first_block_frames
         self.block_frames = block_frames
         self.transition_frames = transition_frames
+        self.caption = caption  # False: no text on the picture (an OBS overlay shows the prompt instead)
 
         # Coarse grid: frame coordinates in units of frame height, so the picture does not depend on size.
         self._lw = -(-width // _DOWNSCALE)
@@ -503,6 +505,10 @@ class PreviewEngine:
         self._clear()
 
     # -- extras ------------------------------------------------------------------------------------
+
+    def prepare_prompt(self, prompt: str) -> None:
+        """Draw a likely next prompt's caption now, so the switch to it costs no drawing."""
+        self._caption(prompt)
 
     @property
     def prompt(self) -> str | None:
@@ -671,7 +677,7 @@ class PreviewEngine:
 
     def _caption(self, prompt: str) -> _Caption | None:
         """The caption layer for prompt, drawn once with Pillow and cached per prompt text."""
-        text = " ".join(prompt.split())
+        text = " ".join(prompt.split()) if self.caption else ""
         if text in self._captions:
             return self._captions[text]
         layer = self._draw_caption(text) if text else None

@@ -3,6 +3,15 @@
 Spawned (never forked: CUDA). Prompt switches and re-anchors arrive on a pipe and are
 applied only between blocks, which is where the engine interface allows them.
 
+The engine runs only as far ahead as it must: it starts a block once the ring has drained to
+the frames its own block time needs plus `slack_frames` (jitter cover), not as soon as there is
+room. Frames already in the ring are committed to the old prompt, so that threshold is what a
+switch waits for beyond the next block boundary (docs/broadcaster.md, "Prompt switches").
+
+Frames enter the ring as I420. A backend whose `frame_format` is "i420" hands them over
+converted (LongLive can do it on the GPU before the copy to the host, where it is nearly free);
+any other backend's RGB blocks are converted here, off the broadcaster's output clock.
+
 Control messages: ("switch", seq, prompt[, reanchor]), ("reanchor",), ("prepare", prompt),
 ("stop",). Events: ("phase", "loading", progress) while weights load (engine.progress),
 ("phase", "warmup" | "compiling", info) once loaded, ("ready", info) when the stream has
@@ -14,17 +23,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+
+import numpy as np
 
 from engine.backends import create_engine
 from engine.ring import WRITER_PID, FrameRing
 from engine.settings import EngineSettings
+from engine.yuv import rgb_to_i420
 
 log = logging.getLogger("engine")
 
@@ -71,6 +85,37 @@ class _Control:
             self.stop = True  # the supervisor is gone
 
 
+class Lead:
+    """How many frames the ring must still hold when the engine starts its next block.
+
+    The block's own time (switch and recache included, measured: the worst of the last few
+    blocks, so one slow block on a busy machine raises it at once) in frames at the engine's fps,
+    plus `slack` frames of jitter cover. Below that the output would repeat frames; above it a
+    switch waits longer than it has to.
+    """
+
+    def __init__(self, fps: float, slack: int, window: int = 8):
+        self.fps, self.slack = fps, slack
+        self._seconds: deque[float] = deque(maxlen=window)
+
+    def observe(self, seconds: float) -> None:
+        """One block took `seconds` from its start to its last frame in the ring."""
+        self._seconds.append(seconds)
+
+    @property
+    def frames(self) -> int:
+        """Start the next block when the ring holds this many frames or fewer."""
+        worst = max(self._seconds, default=0.0)
+        return math.ceil(worst * self.fps) + self.slack
+
+
+def as_i420(engine, frames) -> list[np.ndarray]:
+    """A block as I420 frames: as the backend made them (`frame_format` "i420"), else converted here."""
+    if getattr(engine, "frame_format", "rgb24") == "i420":
+        return list(frames)
+    return [rgb_to_i420(frame) for frame in frames]
+
+
 def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -> None:
     """Process entry point."""
     # Group-wide SIGINT/SIGTERM are for the broadcaster; it stops the engine over the pipe.
@@ -97,15 +142,22 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
         events.send(("ready", {"backend": spec.backend, "pid": os.getpid(), "fps": engine.fps,
                                "width": engine.width, "height": engine.height}))
         prompt_seq, block = spec.prompt_seq, spec.first_block
+        lead = Lead(engine.fps, spec.settings.slack_frames)
         while True:
             control.poll()
             if control.stop:
                 break
-            prepare = getattr(engine, "prepare_prompt", None)
-            while control.to_prepare:
-                prompt = control.to_prepare.pop(0)
-                if prepare is not None:
-                    prepare(prompt)  # encode ahead so the switch itself costs only the recache
+            # Hold the next block back until the ring is down to the lead it needs: a switch that
+            # arrives meanwhile still makes this block.
+            while len(ring) > lead.frames and not _stopping(control):
+                if not _prepare_one(engine, control):
+                    ring.beat()
+                    time.sleep(0.002)
+            if control.stop:
+                break
+            started = time.monotonic()
+            while _prepare_one(engine, control):
+                pass
             if control.pending is not None:
                 prompt_seq, prompt = control.pending
                 control.pending = None
@@ -117,7 +169,8 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
                 reanchor = getattr(engine, "reanchor", None)
                 if reanchor is not None:
                     reanchor()
-            frames = engine.next_block()
+            frames = as_i420(engine, engine.next_block())
+            lead.observe(time.monotonic() - started)  # a full ring's wait below is not the block's time
             ring.beat()
             for frame in frames:
                 if not ring.write(frame, prompt_seq, block, should_stop=lambda: _stopping(control)):
@@ -131,6 +184,17 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
         ring.close()
         os._exit(EXIT_FAILED)
     ring.close()
+
+
+def _prepare_one(engine, control: _Control) -> bool:
+    """Get one announced prompt ready (text encoding) while the engine waits; False if none was due."""
+    if not control.to_prepare:
+        return False
+    prompt = control.to_prepare.pop(0)
+    prepare = getattr(engine, "prepare_prompt", None)
+    if prepare is not None:
+        prepare(prompt)  # encoded ahead, the switch itself costs only the recache
+    return True
 
 
 def _stopping(control: _Control) -> bool:

@@ -1,10 +1,14 @@
-"""A single-producer, single-consumer ring of RGB frames in shared memory.
+"""A single-producer, single-consumer ring of I420 frames in shared memory.
 
 The engine process writes, the broadcaster reads. Sequence counters (not locks) order
 them: a slot becomes visible only after its pixels are written, so an engine killed
 mid-write leaves nothing half-drawn behind, and a restarted engine attaches to the same
 ring and carries on. A full ring makes the writer wait: that is what holds an early
-engine back and keeps latency bounded.
+engine back and keeps latency bounded (the engine process also waits for the ring to drain to its
+slack before it starts a block: `engine/process.py`).
+
+Frames are I420 (`engine/yuv.py`): converted where they are made, they cross the ring in half the
+bytes of RGB and the output clock only copies them into the encoder.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from engine.yuv import i420_shape
+
 # Header slots (int64).
 WRITE, READ, HEARTBEAT_NS, WIDTH, HEIGHT, DEPTH, WRITER_PID, GENERATION = range(8)
 _HEADER = 8
@@ -21,7 +27,7 @@ _META = 2  # per slot: prompt sequence number, block index
 
 
 class FrameRing:
-    """Shared frames [depth, height, width, 3] uint8 with per-frame (prompt_seq, block) tags."""
+    """Shared I420 frames [depth, height * 3 // 2, width] uint8 with per-frame (prompt_seq, block) tags."""
 
     def __init__(self, shm: shared_memory.SharedMemory, owner: bool):
         self._shm = shm
@@ -33,12 +39,15 @@ class FrameRing:
         offset = _HEADER * 8
         self.meta = np.ndarray((depth, _META), np.int64, shm.buf, offset)
         offset += depth * _META * 8
-        self.frames = np.ndarray((depth, height, width, 3), np.uint8, shm.buf, offset)
+        self.frame_shape = i420_shape(width, height)
+        self.frames = np.ndarray((depth, *self.frame_shape), np.uint8, shm.buf, offset)
 
     @classmethod
     def create(cls, width: int, height: int, depth: int) -> FrameRing:
         """Allocate a new ring (the broadcaster owns it)."""
-        size = _HEADER * 8 + depth * _META * 8 + depth * height * width * 3
+        if width % 2 or height % 2:
+            raise ValueError(f"I420 needs an even frame size, got {width}x{height}")
+        size = _HEADER * 8 + depth * _META * 8 + depth * height * width * 3 // 2
         shm = shared_memory.SharedMemory(create=True, size=size)
         header = np.ndarray((_HEADER,), np.int64, shm.buf, 0)
         header[:] = 0
@@ -70,7 +79,7 @@ class FrameRing:
         return (time.monotonic_ns() - int(self.header[HEARTBEAT_NS])) / 1e9
 
     def try_write(self, frame: np.ndarray, prompt_seq: int, block: int) -> bool:
-        """Copy one frame in if a slot is free; False when the ring is full."""
+        """Copy one I420 frame in if a slot is free; False when the ring is full."""
         write = int(self.header[WRITE])
         if write - int(self.header[READ]) >= self.depth:
             return False

@@ -25,7 +25,22 @@ class EngineSettings(BaseModel):
         description="the prompt the stream starts with",
     )
     ring_frames: int = Field(
-        12, ge=2, le=240, description="depth of the shared-memory frame ring (about one block)"
+        24, ge=2, le=240,
+        description="capacity of the shared-memory frame ring; the engine fills it only to slack_frames "
+                    "plus what covers its own block time (engine/process.py)",
+    )
+    slack_frames: int = Field(
+        3, ge=1, le=120,
+        description="frames the engine keeps queued beyond its block time: jitter cover, and the part of "
+                    "a switch's delay that does not depend on the engine",
+    )
+    preview_block_frames: int = Field(
+        4, ge=1, le=48,
+        description="preview engine: frames per block, i.e. how often it can take a switch "
+                    "(12 reproduces LongLive's block timing)",
+    )
+    preview_caption: bool = Field(
+        True, description="preview engine: draw the prompt as a caption (off when OBS shows /overlay/now)",
     )
     heartbeat_timeout_s: float = Field(
         10.0, gt=0,

@@ -28,7 +28,7 @@ def supervised_preview(settings: EngineSettings,
     stop = threading.Event()
 
     def drain() -> None:
-        out = np.empty((settings.height, settings.width, 3), np.uint8)
+        out = np.empty(ring.frame_shape, np.uint8)
         while not stop.is_set():
             if ring.read_into(out) is None:
                 stop.wait(0.002)

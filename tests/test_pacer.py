@@ -21,14 +21,14 @@ W, H = 64, 48
 
 
 def frame(value: int) -> np.ndarray:
-    """An engine frame tagged with `value` in its first pixel."""
-    out = np.full((H, W, 3), 128, np.uint8)
-    out[0, 0] = (value % 256, value // 256, 0)
+    """An I420 engine frame tagged with `value` in its first two luma bytes."""
+    out = np.full((H * 3 // 2, W), 128, np.uint8)
+    out[0, :2] = (value % 256, value // 256)
     return out
 
 
 def value_of(pixels: np.ndarray) -> int:
-    return int(pixels[0, 0, 0]) + 256 * int(pixels[0, 0, 1])
+    return int(pixels[0, 0]) + 256 * int(pixels[0, 1])
 
 
 @dataclass

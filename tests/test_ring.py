@@ -15,14 +15,14 @@ W, H = 16, 8
 
 
 def frame(value: int) -> np.ndarray:
-    """A frame whose pixels all hold `value` (mod 256), with a marker in the first pixel."""
-    out = np.full((H, W, 3), value % 256, np.uint8)
-    out[0, 0] = (value % 256, (value // 256) % 256, 7)
+    """An I420 frame whose bytes all hold `value` (mod 256), with a marker in its first two bytes."""
+    out = np.full((H * 3 // 2, W), value % 256, np.uint8)
+    out[0, :3] = (value % 256, (value // 256) % 256, 7)
     return out
 
 
 def value_of(pixels: np.ndarray) -> int:
-    return int(pixels[0, 0, 0]) + 256 * int(pixels[0, 0, 1])
+    return int(pixels[0, 0]) + 256 * int(pixels[0, 1])
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def ring() -> Iterator[FrameRing]:
 
 
 def read(ring: FrameRing) -> tuple[int, tuple[int, int]] | None:
-    out = np.empty((ring.height, ring.width, 3), np.uint8)
+    out = np.empty(ring.frame_shape, np.uint8)
     tag = ring.read_into(out)
     return None if tag is None else (value_of(out), tag)
 
@@ -52,7 +52,7 @@ def test_frames_are_read_in_the_order_written(ring):
 
 
 def test_pixels_arrive_intact(ring):
-    pixels = np.random.default_rng(5).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(5).integers(0, 256, (H * 3 // 2, W), dtype=np.uint8)
     ring.try_write(pixels, 0, 0)
     out = np.zeros_like(pixels)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 
 import pytest
@@ -103,3 +104,36 @@ def test_stream_key_never_appears_in_logs(tmp_path, nginx_rtmp):
         health = channel.get("/healthz").decode()
     assert "SECRETKEY" not in channel.logs()
     assert "SECRETKEY" not in health
+
+
+def test_every_frame_read_back_from_nginx_rtmp_names_its_prompt_sequence(tmp_path, nginx_rtmp):
+    from broadcaster.readback import Reader
+
+    config = small_channel(tmp_path, [{"kind": "rtmp", "url": nginx_rtmp.url("main")}],
+                           chat={"mode": "manual"})
+    with Channel(tmp_path, config) as channel:
+        wait_until(lambda: nginx_rtmp.is_publishing("main"), 20, message=channel.logs())
+        reader = Reader(nginx_rtmp.url("main")).start()
+        try:
+            wait_until(lambda: len(reader.snapshot()) >= 16 or reader.error, 20)
+            for n in range(1, 4):
+                channel.post_prompt(f"a blue ocean number {n}")
+                wait_until(lambda n=n: reader.first_with_seq(n) or reader.error, 20,
+                           message=f"switch #{n} never reached the RTMP server\n{channel.logs()}")
+            state = json.loads(channel.get("/api/state", token="test-token-0123456789"))
+        finally:
+            reader.stop()
+
+    assert reader.error is None, reader.error
+    frames = reader.snapshot()
+    tags = [f.tag for f in frames]
+    assert all(tag is not None for tag in tags), "a frame reached the server without its prompt SEI"
+    seqs = [tag.prompt_seq for tag in tags]
+    assert seqs == sorted(seqs) and {1, 2, 3} <= set(seqs)
+    indices = [tag.frame_index for tag in tags]
+    assert indices == list(range(indices[0], indices[0] + len(indices)))  # every frame, in order
+    # The stream and the service agree on when each switch first went out.
+    encoded = {s["seq"]: s["encoded_at"] for s in state["recent_switches"]}
+    for seq in (1, 2, 3):
+        first = next(t for t in tags if t.prompt_seq == seq)
+        assert abs(first.encoded_at - encoded[seq]) < 0.05

@@ -48,7 +48,7 @@ def test_a_named_device_must_be_a_loopback_device(tmp_path, monkeypatch):
 
 async def test_an_unavailable_camera_skips_cleanly_and_reports_why(tmp_path):
     output = VirtualCamOutput("cam", None, 64, 48, 16, Metrics(), sysfs=tmp_path)
-    output.submit_frame(np.zeros((48, 64, 3), np.uint8))
+    output.submit_frame(np.zeros((72, 64), np.uint8))
     await output.run()  # returns at once instead of failing the service
     status = output.status()
     assert status["available"] is False and status["reason"]

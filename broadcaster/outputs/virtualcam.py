@@ -75,7 +75,7 @@ class VirtualCamOutput:
         """Encoded packets are not used: a camera takes raw frames (see `submit_frame`)."""
 
     def submit_frame(self, frame: np.ndarray) -> None:
-        """Keep the newest frame; the camera thread picks it up at its own rate."""
+        """Keep the newest I420 frame (as the ring has it); the camera thread takes it at its own rate."""
         if self.device is not None:
             with self._lock:
                 self._latest = frame.copy()
@@ -94,7 +94,7 @@ class VirtualCamOutput:
         while not self._stop.is_set():
             try:
                 with pyvirtualcam.Camera(self.width, self.height, self.fps, device=self.device,
-                                         fmt=pyvirtualcam.PixelFormat.RGB) as camera:
+                                         fmt=pyvirtualcam.PixelFormat.I420) as camera:
                     self._set_connected(True)
                     log.info("output %s: virtual camera on %s", self.name, camera.device)
                     backoff.reset()
