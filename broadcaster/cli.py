@@ -110,6 +110,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          planned_reconnect_s=args.planned_reconnect_seconds, sample_s=args.sample_seconds,
                          switch_s=args.switch_seconds, out_dir=args.out, faults=args.faults))
         return 0
+    if args.what == "switch":
+        from broadcaster.bench_switch import bench_switch
+
+        print(bench_switch(count=args.switches, hls=args.hls, segment_seconds=args.segment_seconds,
+                           config=args.config, switch_mode=args.switch_mode))
+        return 0
     if args.what == "webrtc":
         from broadcaster.bench_webrtc import bench_webrtc
 
@@ -208,10 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     check_w.set_defaults(func=cmd_check_weights)
 
     bench = sub.add_parser("bench", help="measure speed")
-    bench.add_argument("what", choices=["output", "engine", "chat", "webrtc", "soak"])
+    bench.add_argument("what", choices=["output", "engine", "chat", "webrtc", "soak", "switch"])
+    bench.add_argument("--switches", type=int, default=24, help="switch: prompt switches to measure (>= 20)")
+    bench.add_argument("--hls", action="store_true",
+                       help="switch: read the HLS playlist (as OBS's Media Source would) instead of RTMP")
+    bench.add_argument("--switch-mode", choices=["smooth", "cut"], default=None,
+                       help="switch: engine.switch_mode to measure (default: the channel's, smooth)")
+    bench.add_argument("--segment-seconds", type=float, default=1.0, help="switch --hls: HLS segment length")
     bench.add_argument("--minutes", type=float, default=10.0, help="soak: how long to run")
     bench.add_argument("--config", default=None,
-                       help="soak: a channel file (default: the demo, preview engine)")
+                       help="soak, switch: a channel file (default: the demo / OBS encoder, preview engine)")
     bench.add_argument("--rtmp", default=None, help="soak: also push to this RTMP URL")
     bench.add_argument("--planned-reconnect-seconds", type=float, default=None,
                        help="soak: planned RTMP reconnect interval (exercises the 48 h-cap reconnect)")

@@ -264,6 +264,7 @@ class EngineSupervisor:
                     self._blocks.append((time.monotonic(), event[2]))
                     self.metrics.generation_fps.set(self.generation_fps)
                 elif kind == "applied":
+                    self.switches.applied(event[1], event[3])
                     log.info("prompt switch #%d applied at block %d", event[1], event[2])
                 elif kind == "error":
                     self.last_error = event[1]

@@ -30,6 +30,7 @@ class SwitchTracker:
         self._lock = threading.Lock()
         self._decided: dict[int, tuple[float, str]] = {}
         self._decided_wall: dict[int, float] = {}
+        self._applied_wall: dict[int, float] = {}
         # The last switches that reached the air: what the panel and `bench switch` read.
         self.recent: deque[dict] = deque(maxlen=32)
         self.on_air_seq = -1  # 0 is the prompt the stream starts with
@@ -43,6 +44,17 @@ class SwitchTracker:
         with self._lock:
             self._decided[seq] = (self.clock(), prompt)
             self._decided_wall[seq] = time.time()
+
+    def applied(self, seq: int, monotonic_at: float) -> None:
+        """The engine began the first block of switch `seq` at `monotonic_at` (its clock, shared)."""
+        at = time.time() - (time.monotonic() - monotonic_at)
+        with self._lock:
+            # The event may come after the frame went out (the supervisor reads events every 50 ms).
+            aired = next((r for r in self.recent if r["seq"] == seq), None)
+            if aired is not None:
+                aired["applied_at"] = at
+            elif seq > self.on_air_seq:
+                self._applied_wall[seq] = at
 
     def prompt_for(self, seq: int) -> str:
         """The prompt of switch `seq` (decided, or already on air)."""
@@ -59,6 +71,7 @@ class SwitchTracker:
             for done in sorted(s for s in self._decided if s <= seq):
                 decided_at, prompt = self._decided.pop(done)
                 decided_wall = self._decided_wall.pop(done, None)
+                applied_wall = self._applied_wall.pop(done, None)
                 if done != seq:
                     continue  # superseded before it reached the air
                 self.on_air_prompt = prompt
@@ -70,6 +83,6 @@ class SwitchTracker:
                     self.metrics.switch_latency.observe(self.last_latency)
                     self.metrics.prompt_switches.inc()
                     self.recent.append({"seq": seq, "prompt": prompt, "decided_at": decided_wall,
-                                        "encoded_at": event.wall_time,
+                                        "applied_at": applied_wall, "encoded_at": event.wall_time,
                                         "decision_to_air_s": round(self.last_latency, 4)})
             self.on_air_seq = seq

@@ -88,13 +88,13 @@ class _Control:
 class Lead:
     """How many frames the ring must still hold when the engine starts its next block.
 
-    The block's own time (switch and recache included, measured: the worst of the last few
-    blocks, so one slow block on a busy machine raises it at once) in frames at the engine's fps,
-    plus `slack` frames of jitter cover. Below that the output would repeat frames; above it a
-    switch waits longer than it has to.
+    The block's own time (switch and recache included, measured: the worst of the last four
+    blocks, so a slow block on a busy machine raises it at once and is forgotten a few blocks
+    later) in frames at the engine's fps, plus `slack` frames of jitter cover. Below that the
+    output would repeat frames; above it a switch waits longer than it has to.
     """
 
-    def __init__(self, fps: float, slack: int, window: int = 8):
+    def __init__(self, fps: float, slack: int, window: int = 4):
         self.fps, self.slack = fps, slack
         self._seconds: deque[float] = deque(maxlen=window)
 
@@ -143,13 +143,14 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
                                "width": engine.width, "height": engine.height}))
         prompt_seq, block = spec.prompt_seq, spec.first_block
         lead = Lead(engine.fps, spec.settings.slack_frames)
+        cut = spec.settings.switch_mode == "cut"  # a switch need not wait for the queued frames
         while True:
             control.poll()
             if control.stop:
                 break
             # Hold the next block back until the ring is down to the lead it needs: a switch that
             # arrives meanwhile still makes this block.
-            while len(ring) > lead.frames and not _stopping(control):
+            while len(ring) > lead.frames and not _stopping(control) and not (cut and control.pending):
                 if not _prepare_one(engine, control):
                     ring.beat()
                     time.sleep(0.002)
@@ -158,7 +159,8 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
             started = time.monotonic()
             while _prepare_one(engine, control):
                 pass
-            if control.pending is not None:
+            switched = control.pending is not None
+            if switched:
                 prompt_seq, prompt = control.pending
                 control.pending = None
                 engine.switch_prompt(prompt)
@@ -171,6 +173,8 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
                     reanchor()
             frames = as_i420(engine, engine.next_block())
             lead.observe(time.monotonic() - started)  # a full ring's wait below is not the block's time
+            if switched and cut:
+                ring.drop_unread()  # the old prompt's queued frames go; the new block follows at once
             ring.beat()
             for frame in frames:
                 if not ring.write(frame, prompt_seq, block, should_stop=lambda: _stopping(control)):

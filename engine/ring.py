@@ -21,8 +21,8 @@ import numpy as np
 from engine.yuv import i420_shape
 
 # Header slots (int64).
-WRITE, READ, HEARTBEAT_NS, WIDTH, HEIGHT, DEPTH, WRITER_PID, GENERATION = range(8)
-_HEADER = 8
+WRITE, READ, HEARTBEAT_NS, WIDTH, HEIGHT, DEPTH, WRITER_PID, GENERATION, SKIP_TO, SKIPPED = range(10)
+_HEADER = 10
 _META = 2  # per slot: prompt sequence number, block index
 
 
@@ -100,9 +100,26 @@ class FrameRing:
         self.beat()
         return True
 
+    def drop_unread(self) -> None:
+        """Writer: the frames written so far and not read yet are never to be shown (a cut switch).
+
+        Only the reader moves its read position, so it does the skipping (at its next read); a
+        frame it is copying right now still completes.
+        """
+        self.header[SKIP_TO] = self.header[WRITE]
+
+    @property
+    def skipped(self) -> int:
+        """Frames dropped unread by `drop_unread` so far."""
+        return int(self.header[SKIPPED])
+
     def read_into(self, out: np.ndarray) -> tuple[int, int] | None:
         """Copy the oldest unread frame into `out`; returns its (prompt_seq, block) or None if empty."""
         read = int(self.header[READ])
+        skip_to = int(self.header[SKIP_TO])
+        if skip_to > read:
+            self.header[SKIPPED] += skip_to - read
+            self.header[READ] = read = skip_to
         if read >= int(self.header[WRITE]):
             return None
         slot = read % self.depth

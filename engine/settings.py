@@ -30,9 +30,14 @@ class EngineSettings(BaseModel):
                     "plus what covers its own block time (engine/process.py)",
     )
     slack_frames: int = Field(
-        3, ge=1, le=120,
+        2, ge=1, le=120,
         description="frames the engine keeps queued beyond its block time: jitter cover, and the part of "
                     "a switch's delay that does not depend on the engine",
+    )
+    switch_mode: Literal["smooth", "cut"] = Field(
+        "smooth",
+        description="smooth: frames already made for the old prompt play out first (no jump); cut: they "
+                    "are dropped when the new prompt's first block is ready (sooner, with a visible jump)",
     )
     preview_block_frames: int = Field(
         4, ge=1, le=48,

@@ -247,3 +247,15 @@ def test_frames_from_a_spawned_writer_process_arrive_in_order():
     assert process.exitcode == 0
     assert [v for v, _ in got] == [i % 65536 for i in range(count)]
     assert [t for _, t in got] == [(i // 10, i) for i in range(count)]
+
+
+def test_frames_dropped_by_a_cut_are_skipped_and_counted_and_later_frames_still_arrive(ring):
+    for i in range(3):
+        ring.try_write(frame(i), 0, 0)
+    read(ring)
+    ring.drop_unread()
+    ring.try_write(frame(10), 1, 1)
+
+    assert read(ring) == (10, (1, 1))
+    assert ring.skipped == 2
+    assert read(ring) is None
