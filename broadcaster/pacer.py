@@ -110,11 +110,12 @@ class Pacer:
         wanted = due - self._consumed
         got = 0
         for _ in range(max(0, wanted)):
-            tag = self.ring.read_into(self.frame)
-            if tag is None:
+            taken = self.ring.take()
+            if taken is None:
                 break
+            # Encoded straight from its ring slot, which stays ours until the next take.
+            self.frame, (self._seq, _) = taken
             got += 1
-            self._seq = tag[0]
         if wanted > 0 and got == 0:
             self.repeated += 1
             self.metrics.frames_repeated.inc()
@@ -167,6 +168,12 @@ class Pacer:
             except Exception as exc:  # an encoder hiccup costs one frame, never the clock
                 self.failures.failed("pacer", exc)
             index += 1
+        self.release()
+
+    def release(self) -> None:
+        """Give the ring back the frame on screen (a copy stays), so the ring can be freed."""
+        self.frame = np.array(self.frame)
+        self.ring.release()
 
     def stop(self, finish_gop: bool = False) -> None:
         """Make `run()` return after the current frame, or (finish_gop) at the end of the current GOP."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 VIDEO = 0
@@ -36,15 +37,22 @@ class EncodedPacket:
         return cls(stream, raw[_HEADER.size :], pts, dts, duration, bool(flags & _FLAG_KEY))
 
 
+def start_codes(data: bytes) -> Iterator[tuple[int, int]]:
+    """(start-code offset, payload offset) of each NAL unit of an Annex-B access unit, lazily.
+
+    Lazily, so a caller after the first slice stops before scanning the slice (most of the bytes).
+    """
+    j = data.find(b"\x00\x00\x01")
+    while j >= 0:
+        yield (j - 1 if j > 0 and data[j - 1] == 0 else j), j + 3
+        j = data.find(b"\x00\x00\x01", j + 3)
+
+
 def annexb_spans(data: bytes) -> list[tuple[int, int, int]]:
     """(start-code offset, payload offset, end) of each NAL unit of an Annex-B access unit."""
-    found: list[tuple[int, int]] = []
-    i = 0
-    while (j := data.find(b"\x00\x00\x01", i)) >= 0:
-        found.append((j - 1 if j > 0 and data[j - 1] == 0 else j, j + 3))
-        i = j + 3
-    return [(code, payload, found[k + 1][0] if k + 1 < len(found) else len(data))
-            for k, (code, payload) in enumerate(found)]
+    codes = list(start_codes(data))
+    return [(code, payload, codes[k + 1][0] if k + 1 < len(codes) else len(data))
+            for k, (code, payload) in enumerate(codes)]
 
 
 def annexb_to_avcc(data: bytes) -> bytes:

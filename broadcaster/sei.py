@@ -18,11 +18,12 @@ WebRTC); decoders skip messages they do not know. 41 bytes per frame (5 kbit/s a
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid
 from dataclasses import dataclass
 
-from broadcaster.packets import annexb_spans
+from broadcaster.packets import annexb_spans, start_codes
 
 PROMPT_UUID = uuid.UUID("7c1f6e2a-9d3b-4c55-8e0f-70726f6d7074")
 VERSION = 1
@@ -41,16 +42,13 @@ class FrameTag:
     encoded_at: float  # epoch seconds
 
 
+_NEEDS_ESCAPE = re.compile(rb"\x00\x00(?=[\x00-\x03])")
+
+
 def _escape(rbsp: bytes) -> bytes:
     """Insert emulation-prevention bytes: no 00 00 0x (x <= 3) may appear inside a NAL unit."""
-    out, zeros = bytearray(), 0
-    for byte in rbsp:
-        if zeros >= 2 and byte <= 3:
-            out.append(3)
-            zeros = 0
-        out.append(byte)
-        zeros = zeros + 1 if byte == 0 else 0
-    return bytes(out)
+    # Matches do not overlap, so after an inserted 03 the zero count starts again, as the spec says.
+    return _NEEDS_ESCAPE.sub(b"\x00\x00\x03", rbsp)
 
 
 def _unescape(ebsp: bytes) -> bytes:
@@ -66,7 +64,7 @@ def sei_nal(prompt_seq: int, frame_index: int, encoded_at: float) -> bytes:
 
 def tag_access_unit(data: bytes, prompt_seq: int, frame_index: int, encoded_at: float) -> bytes:
     """An Annex-B access unit with the prompt SEI inserted before its first slice."""
-    for code, payload, _ in annexb_spans(data):
+    for code, payload in start_codes(data):  # stops at the first slice: the rest is never scanned
         if data[payload] & 0x1F in _VCL:
             sei = b"\x00\x00\x00\x01" + sei_nal(prompt_seq, frame_index, encoded_at)
             return data[:code] + sei + data[code:]

@@ -21,8 +21,11 @@ import numpy as np
 from engine.yuv import i420_shape
 
 # Header slots (int64).
-WRITE, READ, HEARTBEAT_NS, WIDTH, HEIGHT, DEPTH, WRITER_PID, GENERATION, SKIP_TO, SKIPPED = range(10)
-_HEADER = 10
+# WRITE: frames written. READ: frames released (their slots may be written again). TAKEN: frames
+# handed to the reader; the reader may hold the last one it took (TAKEN = READ + 1) and encode
+# straight from its slot, so no copy of the frame is made on the output clock.
+WRITE, READ, HEARTBEAT_NS, WIDTH, HEIGHT, DEPTH, WRITER_PID, GENERATION, SKIP_TO, SKIPPED, TAKEN = range(11)
+_HEADER = 11
 _META = 2  # per slot: prompt sequence number, block index
 
 
@@ -68,7 +71,7 @@ class FrameRing:
         return self._shm.name
 
     def __len__(self) -> int:
-        return int(self.header[WRITE] - self.header[READ])
+        return int(self.header[WRITE] - self.header[TAKEN])
 
     def beat(self) -> None:
         """Writer's liveness signal (CLOCK_MONOTONIC is shared by all processes)."""
@@ -113,24 +116,54 @@ class FrameRing:
         """Frames dropped unread by `drop_unread` so far."""
         return int(self.header[SKIPPED])
 
+    def _next(self) -> int | None:
+        """The index of the oldest frame not taken yet (after a cut's skip), or None if there is none."""
+        taken = int(self.header[TAKEN])
+        skip_to = int(self.header[SKIP_TO])
+        if skip_to > taken:
+            self.header[SKIPPED] += skip_to - taken
+            self.header[TAKEN] = taken = skip_to
+        return taken if taken < int(self.header[WRITE]) else None
+
+    def _tag(self, slot: int) -> tuple[int, int]:
+        return int(self.meta[slot, 0]), int(self.meta[slot, 1])
+
     def read_into(self, out: np.ndarray) -> tuple[int, int] | None:
         """Copy the oldest unread frame into `out`; returns its (prompt_seq, block) or None if empty."""
-        read = int(self.header[READ])
-        skip_to = int(self.header[SKIP_TO])
-        if skip_to > read:
-            self.header[SKIPPED] += skip_to - read
-            self.header[READ] = read = skip_to
-        if read >= int(self.header[WRITE]):
+        index = self._next()
+        if index is None:
             return None
-        slot = read % self.depth
+        slot = index % self.depth
         np.copyto(out, self.frames[slot])
-        tag = (int(self.meta[slot, 0]), int(self.meta[slot, 1]))
-        self.header[READ] = read + 1
+        tag = self._tag(slot)
+        self.header[TAKEN] = index + 1
+        self.header[READ] = index + 1
         return tag
+
+    def take(self) -> tuple[np.ndarray, tuple[int, int]] | None:
+        """The oldest unread frame in place (a view of its slot) and its tag, or None if empty.
+
+        The frame stays valid, held, until the next `take` or `release`; taking it lets go of the
+        one held before. The writer sees the held slot as in use.
+        """
+        index = self._next()
+        if index is None:
+            return None
+        slot = index % self.depth
+        self.header[READ] = index  # everything before this frame is free again
+        self.header[TAKEN] = index + 1
+        return self.frames[slot], self._tag(slot)
+
+    def release(self) -> None:
+        """Let go of the frame `take` handed out."""
+        self.header[READ] = self.header[TAKEN]
 
     def close(self) -> None:
         """Detach; the owner also frees the memory."""
         del self.header, self.meta, self.frames
-        self._shm.close()
+        try:
+            self._shm.close()
+        except BufferError:
+            pass  # a reader still holds a taken frame: the mapping goes with its last view
         if self._owner:
             self._shm.unlink()

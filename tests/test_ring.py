@@ -259,3 +259,18 @@ def test_frames_dropped_by_a_cut_are_skipped_and_counted_and_later_frames_still_
     assert read(ring) == (10, (1, 1))
     assert ring.skipped == 2
     assert read(ring) is None
+
+
+def test_a_taken_frame_stays_in_place_until_the_next_take_and_holds_its_slot(ring):
+    for i in range(4):
+        ring.try_write(frame(i), 0, i)
+    view, tag = ring.take()
+
+    assert (value_of(view), tag) == (0, (0, 0))
+    assert len(ring) == 3
+    assert ring.try_write(frame(9), 0, 9) is False  # the held slot is still in use
+    ring.take()
+    assert value_of(view) == 0  # untouched until the writer gets the slot back
+    assert ring.try_write(frame(9), 0, 9) is True
+    assert value_of(view) == 9  # the slot was reused: a view must not outlive its take
+    ring.release()

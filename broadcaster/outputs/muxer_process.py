@@ -76,6 +76,7 @@ class _Destination:
         # stream through the server see one continuous timeline.
         self.base_seconds: float | None = continue_from
         self.first_seconds: float | None = None  # media time of this destination's first packet
+        self._offsets: dict[int, int] = {}  # per stream: base_seconds in its time base
         self.video_started = 0.0
 
     def _path(self) -> str:
@@ -89,16 +90,17 @@ class _Destination:
 
     def write(self, packet: EncodedPacket, time_base) -> int:
         """Mux one packet; returns bytes handed to the muxer (0 if dropped before the first keyframe)."""
-        seconds = float(packet.dts * time_base)
         if self.base_seconds is None:
             if packet.stream != VIDEO or not packet.keyframe:
                 return 0  # a viewer can only start decoding at a keyframe
-            self.base_seconds = seconds
-        offset = round(self.base_seconds / time_base)
+            self.base_seconds = float(packet.dts * time_base)
+        offset = self._offsets.get(packet.stream)
+        if offset is None:  # once per stream: Fraction arithmetic on every packet adds up
+            offset = self._offsets[packet.stream] = round(self.base_seconds / time_base)
         if packet.dts - offset < 0:
             return 0  # audio from before the first keyframe
         if self.first_seconds is None:
-            self.first_seconds = seconds
+            self.first_seconds = float(packet.dts * time_base)
         # The template's extradata is avcC, so every muxer expects length-prefixed NAL units
         # (MPEG-TS converts them back to Annex-B itself).
         data = annexb_to_avcc(packet.data) if packet.stream == VIDEO else packet.data
