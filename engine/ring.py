@@ -13,6 +13,7 @@ bytes of RGB and the output clock only copies them into the encoder.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from multiprocessing import shared_memory
 
@@ -161,9 +162,8 @@ class FrameRing:
     def close(self) -> None:
         """Detach; the owner also frees the memory."""
         del self.header, self.meta, self.frames
-        try:
+        # A reader may still hold a taken frame: the mapping then goes with its last view.
+        with contextlib.suppress(BufferError):
             self._shm.close()
-        except BufferError:
-            pass  # a reader still holds a taken frame: the mapping goes with its last view
         if self._owner:
             self._shm.unlink()
