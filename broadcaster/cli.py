@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 EXIT_CONFIG = 2
@@ -37,6 +34,8 @@ def _load(path: str | None):
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the channel."""
+    import asyncio
+
     from broadcaster.service import Service
     from engine.backends import BackendUnavailable
 
@@ -65,19 +64,49 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prompt(args: argparse.Namespace) -> int:
-    """Send a prompt to a running channel's control API."""
-    token = args.token or os.environ.get("PROMPTCAST_API_TOKEN", "")
-    if not token and Path(args.token_file).exists():
-        token = Path(args.token_file).read_text().strip()
-    if not token:
-        print("no API token: set PROMPTCAST_API_TOKEN or pass --token", file=sys.stderr)
-        return 1
+DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_TOKEN_FILE = "./out/api-token"
+
+
+def control_target(args: argparse.Namespace) -> tuple[str, str]:
+    """The control API's URL and token: flags, else the channel file's `server:`, else the defaults.
+
+    The token: --token, else PROMPTCAST_API_TOKEN, else the token file (--token-file, else the
+    channel's `server.token_file`, relative to the current directory as the service reads it).
+    Only YAML is read here, not the settings model: a client call stays well under a second.
+    """
+    url, token_file = DEFAULT_URL, DEFAULT_TOKEN_FILE
+    if args.config:
+        import yaml
+
+        from broadcaster.envref import expand_env
+
+        with open(args.config, encoding="utf-8") as handle:
+            data = yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+        server = expand_env((data.get("server") or {}) if isinstance(data, dict) else {}, ("server",),
+                            dict(os.environ), [])
+        host = str(server.get("host", "127.0.0.1"))
+        # A server bound to every interface is reached on the loopback.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{server.get('port', 8080)}"
+        token_file = str(server.get("token_file", DEFAULT_TOKEN_FILE))
+    url = args.url or url
+    token = args.token or os.environ.get("PROMPTCAST_API_TOKEN", "").strip()
+    path = Path(args.token_file or token_file)
+    if not token and path.exists():
+        token = path.read_text().strip()
+    return url, token
+
+
+def _call(url: str, token: str, path: str, body: dict | None) -> int:
+    """One control-API request; prints the answer. 0, or 1 when refused or unreachable."""
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(
-        args.url.rstrip("/") + "/api/prompt",
-        data=json.dumps({"prompt": args.text}).encode(),
+        url.rstrip("/") + path, data=None if body is None else json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        method="POST",
+        method="GET" if body is None else "POST",
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -86,9 +115,19 @@ def cmd_prompt(args: argparse.Namespace) -> int:
         print(f"refused ({exc.code}): {exc.read().decode()}", file=sys.stderr)
         return 1
     except urllib.error.URLError as exc:
-        print(f"cannot reach {args.url}: {exc.reason}", file=sys.stderr)
+        print(f"cannot reach {url}: {exc.reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    """Send a prompt to a running channel's control API."""
+    url, token = control_target(args)
+    if not token:
+        print("no API token: set PROMPTCAST_API_TOKEN, pass --token, or --config with the channel's "
+              "server.token_file", file=sys.stderr)
+        return 1
+    return _call(url, token, "/api/prompt", {"prompt": args.text})
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -191,9 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     prompt = sub.add_parser("prompt", help="switch a running channel to a new prompt")
     prompt.add_argument("text")
-    prompt.add_argument("--url", default="http://127.0.0.1:8080")
+    prompt.add_argument("--config", help="the channel's YAML: URL and token file from its server section")
+    prompt.add_argument("--url", default=None,
+                        help=f"the control API (default: from --config, else {DEFAULT_URL})")
     prompt.add_argument("--token", default="")
-    prompt.add_argument("--token-file", default="./out/api-token")
+    prompt.add_argument("--token-file", default=None,
+                        help=f"default: the channel's server.token_file, else {DEFAULT_TOKEN_FILE}")
     prompt.set_defaults(func=cmd_prompt)
 
     chapters = sub.add_parser("chapters", help="chapters for a VOD from a recording's .timeline.jsonl")

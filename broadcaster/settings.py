@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from broadcaster.envref import expand_env as _expand_env
 from broadcaster.schedule import ScheduleSettings
 from chat.settings import ChatSettings, StoreSettings
 from engine.settings import EngineSettings
@@ -272,7 +273,6 @@ class ConfigError(Exception):
 
 MAX_CONFIG_CHARS = 1_000_000
 MAX_CONFIG_NODES = 100_000  # values after alias expansion; the largest preset has a few hundred
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def _format_loc(parts: tuple[Any, ...]) -> str:
@@ -280,27 +280,6 @@ def _format_loc(parts: tuple[Any, ...]) -> str:
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
-
-
-def _expand_env(node: Any, path: tuple[Any, ...], env: dict[str, str], problems: list) -> Any:
-    """Replace `${VAR}` / `${VAR:-default}` in every string; a missing variable is a problem."""
-    if isinstance(node, dict):
-        return {k: _expand_env(v, (*path, k), env, problems) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_expand_env(v, (*path, i), env, problems) for i, v in enumerate(node)]
-    if not isinstance(node, str):
-        return node
-
-    def substitute(match: re.Match) -> str:
-        name, default = match.group(1), match.group(2)
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        problems.append((path, f"environment variable {name} is not set"))
-        return ""
-
-    return _ENV_REF.sub(substitute, node)
 
 
 def _line_index(root: yaml.Node | None) -> dict[tuple[Any, ...], int]:
