@@ -213,6 +213,11 @@ def public_state(full: dict, chat: Any | None) -> dict:
         "pool_size": len(pool),
         "pool_rev": hashlib.sha1(",".join(str(p.get("id")) for p in pool).encode()).hexdigest()[:10],
         "vote_command": f"{commands.prefix}{commands.vote[0]}" if commands else "!vote",
+        # Whole seconds, so a countdown-driven wait changes the payload (and wakes clients) once a second.
+        "expected_wait_s": (round(full["expected_wait_s"])
+                            if full.get("expected_wait_s") is not None else None),
+        "last_switch_s": (round(full["last_switch_latency_s"], 2)
+                          if full.get("last_switch_latency_s") is not None else None),
     }
 
 

@@ -189,6 +189,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "pool_size": {"type": "integer"},
             "pool_rev": {"type": "string", "description": "changes whenever the pool does"},
             "vote_command": {"type": "string", "description": "what viewers type, e.g. !vote"},
+            "expected_wait_s": {"type": ["integer", "null"], "description": "whole seconds until a prompt "
+                                "queued now (queue), the round's winner (vote) or a panel prompt (manual) "
+                                "is on air; null: paused, or no round open"},
+            "last_switch_s": {"type": ["number", "null"],
+                              "description": "decision -> first encoded frame of the last switch"},
             "server_time": {"type": "number", "description": "unix seconds when the event was sent"},
         },
     },

@@ -27,12 +27,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+SIZE_PRESETS = {"720p": (1280, 720), "1080p": (1920, 1080)}
+
+
 class EncoderSettings(_Strict):
     """The one shared encode: H.264 video with broadcast settings plus AAC audio."""
 
     fps: float | None = Field(None, gt=0, le=120, description="output fps; default the engine's")
     width: int | None = Field(None, ge=16, le=4096, description="output width; default the engine's")
     height: int | None = Field(None, ge=16, le=4096, description="output height; default the engine's")
+    size: Literal["engine", "720p", "1080p"] = Field(
+        "engine", description="output scaling preset: 720p = 1280x720, 1080p = 1920x1080 (scaled in the "
+                              "encoder's swscale call; CPU per frame in docs/benchmarks.md); or width/height")
     video_bitrate_kbps: int = Field(3000, ge=100, le=50000)
     keyframe_seconds: float = Field(2.0, gt=0, le=10)
     codec: Literal["auto", "libx264", "h264_nvenc"] = "auto"
@@ -52,7 +58,14 @@ class EncoderSettings(_Strict):
                 raise ValueError(f"{name} must be even (H.264 4:2:0), got {value}")
         if (self.width is None) != (self.height is None):
             raise ValueError("set both width and height, or neither")
+        if self.width is not None and self.size != "engine":
+            raise ValueError(f"size: '{self.size}' and width/height both set the output size; keep one")
         return self
+
+    @property
+    def preset_size(self) -> tuple[int, int] | None:
+        """The output size `size` names, or None for the engine's."""
+        return SIZE_PRESETS.get(self.size)
 
 
 def _check_url(url: str, schemes: tuple[str, ...]) -> str:
@@ -241,7 +254,7 @@ class Settings(_Strict):
         """The (width, height) the encoder runs at."""
         if self.encoder.width and self.encoder.height:
             return self.encoder.width, self.encoder.height
-        return self.engine.width, self.engine.height
+        return self.encoder.preset_size or (self.engine.width, self.engine.height)
 
 
 def output_name(output: OutputSettings, index: int) -> str:

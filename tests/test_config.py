@@ -205,6 +205,18 @@ def test_obs_preset_feeds_hls_and_a_local_nginx_rtmp_with_low_latency_settings()
     assert hls[0].segment_seconds < HlsOutputSettings(kind="hls").segment_seconds
     assert settings.encoder.keyframe_seconds < Settings().encoder.keyframe_seconds
     assert "Media Source" in (CONFIG / "obs.yaml").read_text()
+    # It advertises the poll overlay, which only vote rounds fill; /overlay/now carries the prompt.
+    assert settings.chat.mode == "vote"
+    assert settings.engine.preview_caption is False
+
+
+def test_size_presets_set_the_output_size_and_refuse_a_second_size(tmp_path):
+    for size, expected in (("720p", (1280, 720)), ("1080p", (1920, 1080)), ("engine", (832, 480))):
+        settings = load_settings(write(tmp_path, f"encoder: {{size: {size}}}\n"), env={})
+        assert settings.output_size == expected
+    with pytest.raises(ConfigError) as error:
+        load_settings(write(tmp_path, "encoder: {size: 720p, width: 640, height: 360}\n"), env={})
+    assert "size: '720p' and width/height both set the output size" in str(error.value.problems)
 
 
 def test_ambient_preset_records_hourly_streams_to_rtmp_url_and_plays_the_queue():

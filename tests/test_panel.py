@@ -171,7 +171,7 @@ def test_a_prompt_sent_from_the_panel_reaches_the_air(channel, new_page):
     expect(page.locator("#messages")).to_contain_text("queued: a storm over the ocean")
     wait_until(lambda: _on_air(channel) == "a storm over the ocean", 15, message=channel.logs())
     expect(page.locator("#now-text")).to_have_text("a storm over the ocean")
-    expect(page.locator("#now-by")).to_have_text("panel")
+    expect(page.locator("#now-by")).to_have_text("the streamer")  # as the overlays say it
 
 
 def test_moderator_buttons_call_the_api(channel, new_page):
@@ -279,6 +279,49 @@ def test_overlays_and_events_need_no_token_but_the_api_does(channel):
     assert b"retry: 2000" in head
     status, body = _request(channel, "/api/state", token=None)
     assert status == 401 and b"bearer token" in body
+
+
+@pytest.fixture(scope="module")
+def obs_channel(tmp_path_factory):
+    """config/obs.yaml as shipped (chat, overlays, engine caption), with a test-sized picture and HLS only."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("obs")
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "config" / "obs.yaml").read_text())
+    config["engine"].update(width=320, height=192)  # the 2-core CI budget; chat does not depend on it
+    config["encoder"].update(preset="ultrafast", video_bitrate_kbps=600)
+    config["outputs"] = [{"kind": "hls", "dir": str(tmp / "hls")}]  # no nginx on :1935 in a test
+    config["server"] = {}
+    with Channel(tmp, config) as running:
+        yield running
+
+
+def test_the_obs_preset_shows_a_vote_in_the_poll_overlay(obs_channel, new_page):
+    overlay = new_page()
+    overlay.goto(obs_channel.url("/overlay/poll"))
+    _say(obs_channel, "alice", "!prompt a red fox in the snow")
+    _say(obs_channel, "bob", "!prompt a blue whale in the deep sea")
+
+    options = overlay.locator("#options li")
+    expect(options).to_have_count(2, timeout=10_000)
+    expect(overlay.locator("#hint")).to_have_text("type !vote 1–2 in chat")
+    _say(obs_channel, "carol", "!vote 2")
+    expect(overlay.locator('#options li[data-n="2"] .votes')).to_have_text("1")
+    expect(overlay.locator("#countdown")).to_have_text(COUNTDOWN)
+
+
+def test_the_panel_names_the_chooser_as_the_overlay_does_and_shows_switch_latency(channel, new_page):
+    assert _request(channel, "/api/prompt", {"prompt": "a harbour in the fog"})[0] == 202
+    wait_until(lambda: _on_air(channel) == "a harbour in the fog", 15, message=channel.logs())
+    panel = new_page(TOKEN)
+    panel.goto(channel.url("/"))
+    overlay = new_page()
+    overlay.goto(channel.url("/overlay/now"))
+
+    expect(overlay.locator("#now-by")).to_have_text("chosen by the streamer")
+    expect(panel.locator("#now-by")).to_have_text("the streamer")
+    expect(panel.locator("#last-switch")).to_have_text(re.compile(r"^\d+\.\d\d s$"))
+    expect(panel.locator("#expected-wait")).to_have_text(re.compile(r"^(about \d+ s|— \(no round open\))$"))
 
 
 def test_the_shipped_nginx_rtmp_config_is_valid():

@@ -3,6 +3,7 @@
 // Token-free and read-only: everything comes from the server-sent `state` events of /events.
 // Query parameters: theme=dark|light, position=bottom|top, accent=%23rrggbb, scale=0.25..4,
 // and for the poll winner_seconds (how long the winner stays up, default 20).
+import { chosenBy } from "./chosen.js";
 
 const params = new URLSearchParams(location.search);
 const root = document.documentElement;
@@ -26,14 +27,6 @@ function el(tag, className, text) {
   if (className) node.className = className;
   if (text !== undefined) node.textContent = text; // never HTML: prompts come from chat
   return node;
-}
-
-export function chosenBy(who) {
-  if (!who) return "";
-  const vote = /^(@\S+) \(vote\)$/.exec(who);
-  if (vote) return `chosen by ${vote[1]} · won the vote`;
-  if (who === "panel") return "chosen by the streamer";
-  return `chosen by ${who}`;
 }
 
 // --- the vote -----------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 // approve,ban} with `Authorization: Bearer <token>`; the token is asked for once and kept in
 // localStorage. Preview: WHEP (POST /whep with an SDP offer) into the <video>.
 // Query: ?view=preview (the preview alone, no token asked), ?preview=off, ?audio=off (preview view).
+import { chooser } from "./chosen.js";
 
 const TOKEN_KEY = "promptcast.apiToken";
 const HEALTH_EVERY_MS = 2000;
@@ -219,7 +220,10 @@ function render(state) {
   $("channel").textContent = state.channel || "";
   const now = state.now_playing;
   $("now-text").textContent = now ? now.text : "—";
-  $("now-by").textContent = now ? now.chosen_by || "the channel (start prompt)" : "—";
+  $("now-by").textContent = now ? chooser(now.chosen_by || "start") : "—";
+  $("last-switch").textContent = typeof state.last_switch_s === "number" ? `${state.last_switch_s.toFixed(2)} s` : "—";
+  $("expected-wait").textContent = typeof state.expected_wait_s === "number" ? `about ${state.expected_wait_s} s`
+    : state.paused ? "— (paused)" : "— (no round open)";
   $("paused-badge").hidden = !state.paused;
   $("btn-pause").disabled = Boolean(state.paused);
   $("btn-resume").disabled = !state.paused;
@@ -299,7 +303,7 @@ function renderQueue(queue) {
   $("queue-empty").hidden = queue.length > 0;
   $("queue").replaceChildren(
     ...queue.map((item) =>
-      el("li", {}, el("span", { className: "what" }, item.text), el("span", { className: "by" }, item.chosen_by || ""))
+      el("li", {}, el("span", { className: "what" }, item.text), el("span", { className: "by" }, chooser(item.chosen_by)))
     ),
   );
 }
