@@ -46,6 +46,8 @@ class Switch:
     decision_to_encoder: float
     encoder_to_readback: float
     total: float
+    encoder_to_shown: float  # to the moment a real-time player shows it (`ReadFrame.shown_at`)
+    total_shown: float
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -55,7 +57,8 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def channel_config(port: int, token_file: Path, work: Path, rtmp_url: str | None, hls: bool,
-                   segment_seconds: float, base: dict | None, switch_mode: str | None = None) -> dict:
+                   segment_seconds: float, base: dict | None, switch_mode: str | None = None,
+                   list_size: int = 4) -> dict:
     """The benchmarked channel: the OBS preset's encoder by default, preview engine, manual steering."""
     config = dict(base or {})
     config["channel"] = config.get("channel", "bench-switch")
@@ -70,7 +73,7 @@ def channel_config(port: int, token_file: Path, work: Path, rtmp_url: str | None
         outputs.append({"name": "bench-rtmp", "kind": "rtmp", "url": rtmp_url})
     if hls:
         outputs.append({"name": "bench-hls", "kind": "hls", "dir": str(work / "hls"),
-                        "segment_seconds": segment_seconds, "list_size": 4})
+                        "segment_seconds": segment_seconds, "list_size": list_size})
     config["outputs"] = outputs
     config["server"] = {"host": "127.0.0.1", "port": port, "token_file": str(token_file)}
     config["store"] = {"kind": "memory"}
@@ -118,7 +121,8 @@ def _measure(api: _Api, reader: Reader, count: int, gap_s: float, log) -> tuple[
         if reader.error:
             raise RuntimeError(f"reading the stream back failed: {reader.error}")
         switch = Switch(record["decided_at"] - called, record["encoded_at"] - record["decided_at"],
-                        seen.arrived_at - record["encoded_at"], seen.arrived_at - called)
+                        seen.arrived_at - record["encoded_at"], seen.arrived_at - called,
+                        seen.shown_at - record["encoded_at"], seen.shown_at - called)
         switches.append(switch)
         log(f"switch {n:2d}: api->decision {switch.api_to_decision:.3f}  decision->encoder "
             f"{switch.decision_to_encoder:.3f}  encoder->read back {switch.encoder_to_readback:.3f}  "
@@ -130,7 +134,8 @@ def _measure(api: _Api, reader: Reader, count: int, gap_s: float, log) -> tuple[
 
 
 def bench_switch(count: int = 24, hls: bool = False, segment_seconds: float = 1.0, config: str | None = None,
-                 switch_mode: str | None = None, gap_s: float = 1.5, verbose: bool = True) -> str:
+                 switch_mode: str | None = None, list_size: int = 4, gap_s: float = 1.5,
+                 verbose: bool = True) -> str:
     """Run the channel, switch `count` times through the API, report p50/p95/max of each leg."""
     def log(line: str) -> None:
         if verbose:
@@ -142,7 +147,8 @@ def bench_switch(count: int = 24, hls: bool = False, segment_seconds: float = 1.
     nginx = None if hls else NginxRtmp(work).start()
     port, token = free_port(), secrets.token_urlsafe(24)
     rtmp_url = nginx.url("bench") if nginx else None
-    settings = channel_config(port, work / "token", work, rtmp_url, hls, segment_seconds, base, switch_mode)
+    settings = channel_config(port, work / "token", work, rtmp_url, hls, segment_seconds, base, switch_mode,
+                              list_size)
     (work / "channel.yaml").write_text(yaml.safe_dump(settings))
     env = {**os.environ, "PROMPTCAST_API_TOKEN": token}
     log_file = open(work / "promptcast.log", "wb")  # noqa: SIM115 - closed below
@@ -165,7 +171,8 @@ def bench_switch(count: int = 24, hls: bool = False, segment_seconds: float = 1.
             reader = Reader(rtmp_url).start()
         else:
             playlist = f"http://127.0.0.1:{port}/hls/index.m3u8"
-            wait_until(lambda: (work / "hls" / "index.m3u8").exists(), 30, 0.1)
+            # Join a running stream, as OBS does: the playlist already lists its segments.
+            wait_until(lambda: _segments(work / "hls" / "index.m3u8") >= list_size, 60, 0.1)
             reader = Reader(playlist, options={}).start()  # libavformat's defaults, as OBS opens HLS
         wait_until(lambda: len(reader.snapshot()) >= 48 or reader.error, 60, 0.1)
         if reader.error:
@@ -188,7 +195,8 @@ def bench_switch(count: int = 24, hls: bool = False, segment_seconds: float = 1.
     load_after = os.getloadavg()
     if not switches:
         raise RuntimeError(f"no switch reached the reader; log in {work}")
-    via = (f"HLS ({segment_seconds:g} s segments) read from /hls/index.m3u8" if hls
+    via = (f"HLS ({segment_seconds:g} s segments, {list_size} in the playlist) read from /hls/index.m3u8 "
+           "with libavformat's defaults (as OBS's Media Source)" if hls
            else "RTMP to a local nginx-rtmp, read back from it")
     enc = settings["encoder"]
     lines = [
@@ -203,12 +211,21 @@ def bench_switch(count: int = 24, hls: bool = False, segment_seconds: float = 1.
         "",
     ]
     legs = (("API call -> decision", "api_to_decision"), ("decision -> encoder", "decision_to_encoder"),
-            ("encoder -> read back", "encoder_to_readback"), ("total (API call -> read back)", "total"))
+            ("encoder -> read back", "encoder_to_readback"), ("total (API call -> read back)", "total"),
+            ("encoder -> shown by a real-time player", "encoder_to_shown"),
+            ("API call -> shown by a real-time player", "total_shown"))
     for name, field in legs:
         values = [getattr(s, field) for s in switches]
         lines.append(f"{name}: p50 {statistics.median(values):.3f} s, p95 {percentile(values, 0.95):.3f} s, "
                      f"max {max(values):.3f} s")
     return "\n".join(lines)
+
+
+def _segments(playlist: Path) -> int:
+    try:
+        return playlist.read_text().count("#EXTINF")
+    except OSError:
+        return 0
 
 
 def _metric(base: str, name: str) -> float:

@@ -153,7 +153,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from broadcaster.bench_switch import bench_switch
 
         print(bench_switch(count=args.switches, hls=args.hls, segment_seconds=args.segment_seconds,
-                           config=args.config, switch_mode=args.switch_mode))
+                           config=args.config, switch_mode=args.switch_mode, list_size=args.list_size))
         return 0
     if args.what == "webrtc":
         from broadcaster.bench_webrtc import bench_webrtc
@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="switch: read the HLS playlist (as OBS's Media Source would) instead of RTMP")
     bench.add_argument("--switch-mode", choices=["smooth", "cut"], default=None,
                        help="switch: engine.switch_mode to measure (default: the channel's, smooth)")
+    bench.add_argument("--list-size", type=int, default=4, help="switch --hls: segments in the playlist")
     bench.add_argument("--segment-seconds", type=float, default=1.0, help="switch --hls: HLS segment length")
     bench.add_argument("--minutes", type=float, default=10.0, help="soak: how long to run")
     bench.add_argument("--config", default=None,

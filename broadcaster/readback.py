@@ -26,6 +26,11 @@ class ReadFrame:
     arrived_at: float  # epoch seconds when the reader had the packet
     pts: int | None
     tag: FrameTag | None  # None: the packet carried no prompt SEI
+    # When a player that shows frames at their own pace, starting with the first one it got,
+    # would show this one (never before it arrived; a late frame delays the rest). HLS arrives in
+    # bursts of whole segments, and a player like OBS's Media Source stays as far behind the
+    # live edge as it started: this is what a viewer of that player sees.
+    shown_at: float
 
 
 def read_frames(url: str, options: dict[str, str] | None = None, timeout_s: float = 20.0,
@@ -34,14 +39,22 @@ def read_frames(url: str, options: dict[str, str] | None = None, timeout_s: floa
     import av
 
     options = dict(LOW_DELAY if options is None else options)
+    shown: tuple[float, int] | None = None  # (shown_at, pts) of the previous frame
     with av.open(url, options=options, timeout=timeout_s) as container:
         video = container.streams.video[0]
+        seconds = float(video.time_base or 0)
         for packet in container.demux(video):
             if stop is not None and stop.is_set():
                 return
             if packet.size == 0:
                 continue  # the demuxer's end-of-stream marker
-            yield ReadFrame(time.time(), packet.pts, read_tag(bytes(packet)))
+            arrived = time.time()
+            at = arrived
+            if shown is not None and packet.pts is not None:
+                at = max(arrived, shown[0] + (packet.pts - shown[1]) * seconds)
+            if packet.pts is not None:
+                shown = (at, packet.pts)
+            yield ReadFrame(arrived, packet.pts, read_tag(bytes(packet)), at)
 
 
 class Reader:
