@@ -135,7 +135,7 @@ def bench_output(frames: int = 320) -> str:
     rows = []
     ratio_line = ""
     for out_size, kbps in (((832, 480), 3000), ((1280, 720), 4500), ((1920, 1080), 6000)):
-        for preset in ("ultrafast", "veryfast"):
+        for preset in ("ultrafast", "superfast", "veryfast"):  # superfast: config/obs.yaml
             cost = _measure(src, out_size, preset, kbps, frames)
             alone_ms, path_ms = cost.alone_cpu / cost.frames * 1000, cost.path_cpu / cost.frames * 1000
             wall_ms = cost.path_wall / cost.frames * 1000

@@ -168,7 +168,7 @@ class StreamEncoder:
         frame.pts = index
         frame.time_base = self.video_time_base
         encoded_at = time.time()
-        out = [self._wrap(p, VIDEO, tag_access_unit(bytes(p), prompt_seq, p.pts, encoded_at))
+        out = [self._wrap(p, VIDEO, tag_access_unit(p, prompt_seq, p.pts, encoded_at))
                for p in self._streams.video.encode(frame)]
         # Integer arithmetic: Fraction division on every frame is measurable next to x264 ultrafast.
         due = (index + 1) * SAMPLE_RATE * self.rate.denominator // self.rate.numerator

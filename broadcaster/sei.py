@@ -62,13 +62,19 @@ def sei_nal(prompt_seq: int, frame_index: int, encoded_at: float) -> bytes:
     return bytes([_SEI_NAL]) + _escape(rbsp)
 
 
-def tag_access_unit(data: bytes, prompt_seq: int, frame_index: int, encoded_at: float) -> bytes:
-    """An Annex-B access unit with the prompt SEI inserted before its first slice."""
-    for code, payload in start_codes(data):  # stops at the first slice: the rest is never scanned
-        if data[payload] & 0x1F in _VCL:
-            sei = b"\x00\x00\x00\x01" + sei_nal(prompt_seq, frame_index, encoded_at)
-            return data[:code] + sei + data[code:]
-    return data  # no picture in it (never the case for an encoder's video packet)
+def tag_access_unit(data, prompt_seq: int, frame_index: int, encoded_at: float) -> bytes:
+    """An Annex-B access unit (any buffer) copied once, with the prompt SEI before its first slice."""
+    view = memoryview(data)
+    # The first slice follows a few short NAL units (parameter sets, the encoder's SEI): look for
+    # it in the head first, so the slice itself (nearly all the bytes) is never scanned.
+    for head in (bytes(view[:1024]), bytes(view)):
+        for code, payload in start_codes(head):
+            if payload < len(head) and head[payload] & 0x1F in _VCL:
+                sei = b"\x00\x00\x00\x01" + sei_nal(prompt_seq, frame_index, encoded_at)
+                return b"".join((view[:code], sei, view[code:]))
+        if len(head) == len(view):
+            break
+    return bytes(view)  # no picture in it (never the case for an encoder's video packet)
 
 
 def _avcc_nals(data: bytes) -> list[bytes] | None:

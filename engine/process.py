@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -88,24 +89,33 @@ class _Control:
 class Lead:
     """How many frames the ring must still hold when the engine starts its next block.
 
-    The block's own time (switch and recache included, measured: the worst of the last four
-    blocks, so a slow block on a busy machine raises it at once and is forgotten a few blocks
-    later) in frames at the engine's fps, plus `slack` frames of jitter cover. Below that the
-    output would repeat frames; above it a switch waits longer than it has to.
+    The block's own time (measured: the worst of the last four blocks, so a slow block on a busy
+    machine raises it at once and is forgotten a few blocks later) in frames at the engine's fps,
+    plus `slack` frames of jitter cover. A block that applies a switch also pays the recache
+    (LongLive) or the new caption (preview): that extra, measured on past switches, is added
+    when a switch is pending, so such a block starts that much earlier instead of letting the
+    ring run dry. Below the lead the output would repeat frames; above it a switch waits longer
+    than it has to.
     """
 
     def __init__(self, fps: float, slack: int, window: int = 4):
         self.fps, self.slack = fps, slack
         self._seconds: deque[float] = deque(maxlen=window)
+        self._switch_extra: deque[float] = deque(maxlen=window)
 
-    def observe(self, seconds: float) -> None:
-        """One block took `seconds` from its start to its last frame in the ring."""
-        self._seconds.append(seconds)
+    def observe(self, seconds: float, switched: bool = False) -> None:
+        """One block took `seconds` from its start to its last frame ready; `switched`: it applied one."""
+        if switched:
+            typical = statistics.median(self._seconds) if self._seconds else 0.0
+            self._switch_extra.append(max(0.0, seconds - typical))
+        else:
+            self._seconds.append(seconds)
 
-    @property
-    def frames(self) -> int:
+    def frames(self, switching: bool = False) -> int:
         """Start the next block when the ring holds this many frames or fewer."""
         worst = max(self._seconds, default=0.0)
+        if switching:
+            worst += max(self._switch_extra, default=0.0)
         return math.ceil(worst * self.fps) + self.slack
 
 
@@ -150,7 +160,8 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
                 break
             # Hold the next block back until the ring is down to the lead it needs: a switch that
             # arrives meanwhile still makes this block.
-            while len(ring) > lead.frames and not _stopping(control) and not (cut and control.pending):
+            while len(ring) > lead.frames(control.pending is not None) and not _stopping(control) \
+                    and not (cut and control.pending):
                 if not _prepare_one(engine, control):
                     ring.beat()
                     time.sleep(0.002)
@@ -172,7 +183,7 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
                 if reanchor is not None:
                     reanchor()
             frames = as_i420(engine, engine.next_block())
-            lead.observe(time.monotonic() - started)  # a full ring's wait below is not the block's time
+            lead.observe(time.monotonic() - started, switched)  # a full ring's wait below is not counted
             if switched and cut:
                 ring.drop_unread()  # the old prompt's queued frames go; the new block follows at once
             ring.beat()

@@ -287,3 +287,14 @@ def test_frame_index_counts_generated_frames():
     engine = started("x")
     blocks(engine, 3)
     assert engine.frame_index == 9 + 12 + 12
+
+
+def test_with_the_caption_off_the_picture_is_the_same_except_where_the_caption_was():
+    captioned, bare = PreviewEngine(320, 192), PreviewEngine(320, 192, caption=False)
+    for engine in (captioned, bare):
+        engine.start("a red fire storm at night", seed=3)
+    with_text, without = captioned.next_block()[0], bare.next_block()[0]
+
+    assert np.array_equal(with_text[:100], without[:100])  # the caption sits near the bottom
+    assert not np.array_equal(with_text[150:], without[150:])
+    bare.prepare_prompt("a blue ocean")  # nothing to draw, and no error

@@ -26,6 +26,12 @@ def test_the_sei_goes_after_the_parameter_sets_and_before_the_first_slice():
     assert kinds == [7, 8, 6, 5]
 
 
+def test_the_sei_is_placed_right_even_when_the_first_slice_comes_late_in_the_unit():
+    long_sei = b"\x00\x00\x00\x01\x06\x05" + bytes([255] * 8 + [40]) + b"\x11" * 2080 + b"\x80"
+    kinds = [nal[0] & 0x1F for nal in nal_units(tag_access_unit(HEADERS + long_sei + SLICE, 4, 5, 6.0))]
+    assert kinds == [7, 8, 6, 6, 5]
+
+
 def test_the_tag_survives_conversion_to_length_prefixed_nal_units():
     avcc = annexb_to_avcc(tag_access_unit(HEADERS + SLICE, 2**40 + 3, 5, 6.0))
     assert read_tag(avcc).prompt_seq == 2**40 + 3
