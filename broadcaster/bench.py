@@ -16,7 +16,6 @@ from broadcaster.encoder import StreamEncoder
 from broadcaster.metrics import Metrics
 from broadcaster.outputs.muxer_process import MuxTarget, _Destination
 from broadcaster.pacer import Pacer
-from broadcaster.redact import redact_url
 from broadcaster.settings import EncoderSettings
 from broadcaster.switches import SwitchTracker
 from engine.preview import PreviewEngine
@@ -97,44 +96,73 @@ def bench_output(frames: int = 320) -> str:
     return "\n".join(rows)
 
 
-def bench_chat(redis_url: str | None = None, viewers: int = 2000, concurrency: int = 50) -> str:
-    """Chat events through parse + moderation + store: events/s and per-event latency."""
+def bench_chat(redis_url: str | None = None, viewers: int = 20_000, concurrency: int = 64,
+               seed: int = 5) -> str:
+    """Chat events through Steering.handle (dedupe, parse, moderation, batched store): votes/s, latency.
+
+    The stream: every viewer votes, a quarter change their vote later, 2 % of the votes are delivered
+    twice (EventSub is at-least-once), and one event in 25 is a `!prompt`. At the end the tally must
+    equal each viewer's last vote, exactly; otherwise this raises. With Redis, the same client's
+    pipelined ceiling (SET NX PX in pipelines of 1000) is measured in the same run, for scale.
+    """
     import asyncio
-    import statistics
+    import random
 
     from chat.events import ChatEvent, Role
+    from chat.redis_store import redact_url as redact_redis_url
     from chat.settings import ChatSettings
     from chat.steering import Steering
 
-    async def run() -> tuple[float, list[float], int]:
+    rng = random.Random(seed)
+    options = 4
+    plan: list[tuple[str, int, str]] = []  # (kind, user, text) in delivery order; kind: vote | again | prompt
+    for user in range(viewers):
+        plan.append(("vote", user, f"!vote {rng.randint(1, options)}"))
+    for user in rng.sample(range(viewers), viewers // 4):
+        plan.insert(rng.randint(user + 1, len(plan)), ("vote", user, f"!vote {rng.randint(1, options)}"))
+    for index in rng.sample(range(len(plan)), len(plan) // 50):
+        plan.insert(rng.randint(index + 1, len(plan)), ("again", index, ""))
+    for n in range(len(plan) // 24):
+        text = f"!prompt viewer {n} suggests a calm lake at dawn"
+        plan.insert(rng.randint(0, len(plan)), ("prompt", n, text))
+
+    async def run() -> dict:
         if redis_url:
             from chat.redis_store import RedisStore
 
-            store = RedisStore(redis_url, f"bench-{os.getpid()}", max_connections=concurrency)
+            store = RedisStore(redis_url, f"bench-{os.getpid()}", max_connections=20)
         else:
             from chat.memory_store import MemoryStore
 
             store = MemoryStore()
-        settings = ChatSettings(mode="vote", vote={"options": 4, "min_suggestions": 4, "round_seconds": 600},
+        settings = ChatSettings(mode="vote", vote={"options": options, "min_suggestions": options,
+                                                   "round_seconds": 600},
                                 moderation={"rate_limit_per_minute": 10_000, "flood_messages": 10_000,
                                             "duplicate_window_seconds": 0})
         steering = Steering(settings, store)
-        latencies: list[float] = []
 
-        def event(user: int, text: str) -> ChatEvent:
-            return ChatEvent(source="bench", message_id=f"{user}:{text}:{time.perf_counter_ns()}",
-                             user_id=str(user), login=f"v{user}", display_name=f"v{user}", text=text,
-                             time=time.time(), roles=frozenset({Role.VIEWER}))
+        def event(user: int, text: str, message_id: str) -> ChatEvent:
+            return ChatEvent(source="bench", message_id=message_id, user_id=str(user), login=f"v{user}",
+                             display_name=f"v{user}", text=text, time=time.time(),
+                             roles=frozenset({Role.VIEWER}))
 
-        for user in range(4):
-            await steering.handle(event(user, f"!prompt a scene number {user} with a red fox"))
+        for n in range(options):
+            await steering.handle(event(10**9 + n, f"!prompt a scene number {n} with a red fox", f"setup{n}"))
         await steering.tick()
-        queue: asyncio.Queue = asyncio.Queue()
-        for user in range(viewers):
-            queue.put_nowait(event(user, f"!vote {1 + user % 4}"))
-            if user % 5 == 0:
-                queue.put_nowait(event(user, f"!prompt viewer {user} suggests a calm lake at dawn"))
-        total = queue.qsize()
+        events: list[ChatEvent] = []
+        votes, last = 0, {}
+        for position, (kind, ref, text) in enumerate(plan):
+            if kind == "again":  # the same notification again: same message id
+                events.append(events[ref] if ref < len(events) else events[-1])
+                continue
+            events.append(event(ref + (10**8 if kind == "prompt" else 0), text, f"m{position}"))
+            if kind == "vote":
+                votes += 1
+                last[ref] = int(text.split()[1])
+        queue: asyncio.Queue[ChatEvent] = asyncio.Queue()
+        for item in events:
+            queue.put_nowait(item)
+        latencies: list[float] = []
 
         async def worker() -> None:
             while not queue.empty():
@@ -146,17 +174,56 @@ def bench_chat(redis_url: str | None = None, viewers: int = 2000, concurrency: i
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
+        current = await store.current_round()
+        expected = tuple(sum(1 for o in last.values() if o == option) for option in range(1, options + 1))
+        pool = len(await store.suggestions(limit=10**6))
+        ceiling = await _redis_pipelined_ceiling(redis_url) if redis_url else None
         await store.close()
-        return elapsed, latencies, total
+        batcher = steering._intake
+        return {"elapsed": elapsed, "latencies": latencies, "events": len(events), "votes": votes,
+                "tally": current.tally if current else (), "expected": expected, "pool": pool,
+                "prompts": sum(1 for k, _, _ in plan if k == "prompt"), "ceiling": ceiling,
+                "batch": batcher.items / max(1, batcher.batches)}
 
-    elapsed, latencies, total = asyncio.run(run())
-    latencies.sort()
-    p50 = statistics.median(latencies) * 1000
+    r = asyncio.run(run())
+    latencies = sorted(r["latencies"])
+    p50 = latencies[len(latencies) // 2] * 1000
     p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
-    store_name = f"redis ({redact_url(redis_url)})" if redis_url else "memory"
-    return "\n".join([
-        f"bench chat: {total} events ({viewers} votes + {total - viewers} suggestions), "
+    exact = tuple(r["tally"]) == r["expected"] and r["pool"] == r["prompts"]
+    votes_per_s = r["votes"] / r["elapsed"]
+    store_name = f"redis ({redact_redis_url(redis_url)})" if redis_url else "memory"
+    lines = [
+        f"bench chat: {r['events']} events ({r['votes']} votes from {viewers} viewers, "
+        f"{r['events'] - r['votes'] - r['prompts']} redelivered, {r['prompts']} suggestions), "
         f"{concurrency} concurrent handlers, store {store_name}",
         f"machine: {machine()}",
-        f"throughput: {total / elapsed:.0f} events/s; latency p50 {p50:.2f} ms, p99 {p99:.2f} ms",
-    ])
+        f"votes: {votes_per_s:,.0f} votes/s; events: {r['events'] / r['elapsed']:,.0f} events/s; "
+        f"latency p50 {p50:.2f} ms, p99 {p99:.2f} ms; {r['batch']:.0f} events per store batch on average",
+        f"tally {'exact' if exact else 'WRONG'}: {list(r['tally'])} (expected {list(r['expected'])}), "
+        f"{r['pool']} of {r['prompts']} suggestions in the pool",
+    ]
+    if r["ceiling"]:
+        lines.append(f"redis pipelined ceiling (same client library, SET NX PX, pipelines of 1000): "
+                     f"{r['ceiling']:,.0f} commands/s; votes/s is {votes_per_s / r['ceiling']:.1%} of it")
+    if not exact:
+        raise RuntimeError("\n".join([*lines, "bench chat: the tally is not exact"]))
+    return "\n".join(lines)
+
+
+async def _redis_pipelined_ceiling(url: str, commands: int = 100_000, depth: int = 1000) -> float:
+    """Plain pipelined commands per second from redis.asyncio on `url` (its keys expire within a minute)."""
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(url)
+    prefix = f"bench-ceiling-{os.getpid()}:"
+    try:
+        t0 = time.perf_counter()
+        for start in range(0, commands, depth):
+            async with client.pipeline(transaction=False) as pipe:
+                for i in range(start, start + depth):
+                    pipe.set(f"{prefix}{i}", 1, nx=True, px=60_000)
+                await pipe.execute()
+        elapsed = time.perf_counter() - t0
+    finally:
+        await client.aclose()
+    return commands / elapsed

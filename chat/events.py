@@ -80,3 +80,28 @@ class VoteOutcome:
     accepted: bool
     reason: str  # "counted", "changed", "unchanged", "no_round", "round_closed", "bad_option"
     tally: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Intake:
+    """One chat event's work in the store, done in a batch with others (`SteeringStore.ingest`).
+
+    Every intake records `message_id` (a repeat within `ttl_s` is a duplicate and does nothing else);
+    with `option` set it is also a vote for that option of the round open at `now`.
+    """
+
+    source: str
+    message_id: str
+    user_id: str = ""
+    option: int | None = None  # 1-based; None: only the duplicate check
+    last_vote_counts: bool = True
+    now: float | None = None
+    ttl_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What the store did with one `Intake`."""
+
+    duplicate: bool  # the message id was seen before: nothing else was done
+    vote: VoteOutcome | None = None  # for a vote that was not a duplicate

@@ -13,8 +13,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from chat.commands import Refusal, parse_command
-from chat.events import ChatEvent, QueuedPrompt, Suggestion, VoteRound
+from chat.batch import Batcher
+from chat.commands import PromptCommand, Refusal, VoteCommand, parse_command
+from chat.events import ChatEvent, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
 from chat.moderation import Moderator, fold
 from chat.settings import ChatSettings
 from chat.store import SteeringStore
@@ -63,6 +64,9 @@ class Steering:
         self._round = _RoundState()
         self._last_queued_by: dict[str, float] = {}
         self._prepared: set[str] = set()
+        # Two batches on the wire at once: the store works on one while this process prepares the next.
+        self._intake: Batcher[tuple[Intake, bool], tuple[Ingested, list[str]]] = Batcher(
+            self._ingest, max_in_flight=2, keys=_intake_keys)
 
     def set_policy(self, chat_enabled: bool, mode: str) -> None:
         """Whether chat may steer, and in which mode (the schedule sets it per window)."""
@@ -75,14 +79,21 @@ class Steering:
 
     # --- chat in -------------------------------------------------------------------------------
     async def handle(self, event: ChatEvent) -> None:
-        """Act on one chat event from any source."""
-        if await self.store.seen_message(event.source, event.message_id):
-            return  # EventSub delivers at least once
+        """Act on one chat event from any source; returns once what it changed is stored."""
+        command = None if event.reward_id else parse_command(
+            event, self.settings.commands, vote_options=self.settings.vote.options)
+        option = command.option if isinstance(command, VoteCommand) and self.chat_enabled else None
+        suggests = bool(event.reward_id) or isinstance(command, PromptCommand)
+        # One batched store step: EventSub delivers at least once (dedupe), a vote is counted with it.
+        result, banned = await self._intake.submit((Intake(
+            event.source, event.message_id, event.user_id, option, self.settings.vote.last_vote_counts,
+            self.clock()), suggests))
+        if result.duplicate:
+            return
         self.hooks.message(event.source)
         if event.reward_id:  # a channel-point redemption is a prompt suggestion by itself
-            await self._suggest(event, event.text)
+            await self._suggest(event, event.text, banned)
             return
-        command = parse_command(event, self.settings.commands, vote_options=self.settings.vote.options)
         if command is None:
             return
         if isinstance(command, Refusal):
@@ -90,9 +101,9 @@ class Steering:
             return
         kind = command.kind
         if kind == "prompt":
-            await self._suggest(event, command.text)
+            await self._suggest(event, command.text, banned)
         elif kind == "vote":
-            await self._vote(event, command.option)
+            await self._voted(event, result.vote)
         elif kind == "skip":
             self.skip_requested = True
             await self._reply(event, "skipping to the next prompt")
@@ -108,6 +119,11 @@ class Steering:
             await self.ban(command.text)
             await self._reply(event, "prompt banned")
 
+    async def _ingest(self, batch: list[tuple[Intake, bool]]) -> list[tuple[Ingested, list[str]]]:
+        with_banned = any(wants for _, wants in batch)
+        results, banned = await self.store.ingest([item for item, _ in batch], with_banned)
+        return [(result, banned) for result in results]
+
     async def _refuse(self, event: ChatEvent, reason: str, message: str) -> None:
         self.hooks.rejected(reason)
         await self._reply(event, f"not accepted: {message}")
@@ -122,11 +138,11 @@ class Steering:
         if self.hooks.reply is not None:
             await self.hooks.reply(event, text)
 
-    async def _suggest(self, event: ChatEvent, text: str) -> None:
+    async def _suggest(self, event: ChatEvent, text: str, banned: list[str]) -> None:
         if not self.chat_enabled:
             await self._refuse(event, "steering_off", STEERING_OFF)
             return
-        decision = self.moderator.check(event, text, banned=await self.store.banned())
+        decision = self.moderator.check(event, text, banned=banned)
         if not decision.accepted:
             await self._refuse(event, decision.reason, decision.message)
             return
@@ -135,20 +151,21 @@ class Steering:
             await self._refuse(event, "automod", "held by AutoMod")
             return
         mode = self.mode
-        if mode == "queue":
-            refusal = await self._queue_refusal(event)
-            if refusal:
-                await self._refuse(event, *refusal)
-                return
-            entry = await self.store.enqueue(decision.text, f"@{event.login}", None, self.clock())
-            self._last_queued_by[event.user_id] = self.clock()
-            self.hooks.prepare(entry.text)
-            await self._reply(event, f"queued (#{await self.store.queue_depth()})")
-        else:
+        if mode != "queue":  # the pool grows, not the queue: no depth to report
             await self.store.add_suggestion(decision.text, decision.raw, event.user_id, event.login,
                                             event.source, self.clock())
+            self.last_activity = self.clock()
             await self._reply(event, "added to the next vote" if mode == "vote" else "waiting for approval")
+            return
+        refusal = await self._queue_refusal(event)
+        if refusal:
+            await self._refuse(event, *refusal)
+            return
+        entry = await self.store.enqueue(decision.text, f"@{event.login}", None, self.clock())
+        self._last_queued_by[event.user_id] = self.clock()
+        self.hooks.prepare(entry.text)
         self.last_activity = self.clock()
+        await self._reply(event, f"queued (#{await self.store.queue_depth()})")
         await self._report_depth()
 
     async def _queue_refusal(self, event: ChatEvent) -> tuple[str, str] | None:
@@ -164,17 +181,13 @@ class Steering:
             return "user_cap", f"you already have {cfg.max_per_user} prompts waiting"
         return None
 
-    async def _vote(self, event: ChatEvent, option: int) -> None:
-        if not self.chat_enabled:
+    async def _voted(self, event: ChatEvent, outcome: VoteOutcome | None) -> None:
+        if not self.chat_enabled or outcome is None:
             await self._refuse(event, "steering_off", STEERING_OFF)
             return
-        current = await self.store.current_round()
-        if current is None or current.closed:
+        if outcome.reason == "no_round":
             await self._refuse(event, "no_round", "no vote is open")
-            return
-        outcome = await self.store.cast_vote(current.id, event.user_id, option,
-                                             self.settings.vote.last_vote_counts, now=self.clock())
-        if outcome.accepted:
+        elif outcome.accepted:
             self.last_activity = self.clock()
             self.hooks.vote()
         else:
@@ -330,6 +343,12 @@ class Steering:
             "pool": [{"id": s.id, "text": s.raw, "by": s.login}
                      for s in await self.store.suggestions(limit=20)],
         }
+
+
+def _intake_keys(pair: tuple[Intake, bool]) -> tuple[tuple[str, ...], ...]:
+    """What orders intakes: a message id (its repeat is the duplicate) and a voter (the last vote counts)."""
+    intake = pair[0]
+    return ("message", intake.source, intake.message_id), ("user", intake.user_id)
 
 
 def _prompt_dict(prompt: QueuedPrompt) -> dict:
