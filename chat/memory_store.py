@@ -47,6 +47,9 @@ _ACCEPTED = {"counted": True, "changed": True, "unchanged": True, "kept": False,
              "round_closed": False, "bad_option": False}
 
 
+_DUPLICATE, _NEW = Ingested(True), Ingested(False)
+
+
 def ingested(items: list[Intake], codes: list[str], tally: tuple[int, ...]) -> list[Ingested]:
     """The outcome of each item of an `ingest` batch from its code (both stores answer in codes).
 
@@ -54,15 +57,19 @@ def ingested(items: list[Intake], codes: list[str], tally: tuple[int, ...]) -> l
     while the first vote counts: refused as "unchanged"), no_round, round_closed, bad_option.
     """
     out: list[Ingested] = []
+    outcomes: dict[str, Ingested] = {}  # one object per code: they are equal for the whole batch
     for item, code in zip(items, codes, strict=True):
         if code == "duplicate":
-            out.append(Ingested(True))
+            out.append(_DUPLICATE)
         elif code == "new" or item.option is None:
-            out.append(Ingested(False))
+            out.append(_NEW)
         else:
-            reason = "unchanged" if code == "kept" else code
-            votes = () if code == "no_round" else tally
-            out.append(Ingested(False, VoteOutcome(_ACCEPTED[code], reason, votes)))
+            outcome = outcomes.get(code)
+            if outcome is None:
+                reason = "unchanged" if code == "kept" else code
+                votes = () if code == "no_round" else tally
+                outcome = outcomes[code] = Ingested(False, VoteOutcome(_ACCEPTED[code], reason, votes))
+            out.append(outcome)
     return out
 
 

@@ -100,10 +100,10 @@ return answer(1, reason)
 # does nothing else), and each vote among them is counted by the rules of _CAST_VOTE against the round
 # open now. The counters are read once and written once per batch. Being one script, a vote and its
 # message id are stored together or not at all: a redelivery after a failed batch is counted once.
-# The items travel as one JSON argument and the codes come back as one string: at thousands of events a
-# second, encoding and parsing one Redis argument per field cost more than the script itself.
-# KEYS: round, round:votes, banned.  ARGV: with_banned (1/0), the seen-key prefix, JSON items
-# [[seen key suffix, ttl ms, user id, option or null, last_vote_counts (1/0), now or null], ...].
+# The items travel as one flat JSON array and the codes come back as one string: at thousands of events
+# a second, one Redis argument (or one Lua table) per field costs more than the work itself.
+# KEYS: round, round:votes, banned.  ARGV: with_banned (1/0), the seen-key prefix, ttl ms,
+# last_vote_counts (1/0), JSON [seen key suffix, user id, option or null, now or null, ...] (4 per item).
 # The seen keys are built here from the prefix (so, like the rest of the layout, not for Redis Cluster).
 # Returns {codes joined by ',', tally after the batch, banned texts (when asked)}.
 _INGEST = """
@@ -119,12 +119,15 @@ if open then
   for i = 1, n do counts[i] = tonumber(stored[i]) or 0 end
 end
 local null = cjson.null
+local prefix, ttl, last_counts = ARGV[2], ARGV[3], ARGV[4] == '1'
 local changed = false
 local codes = {}
-for i, item in ipairs(cjson.decode(ARGV[3])) do
-  local option, now = item[4], item[6]
+local flat = cjson.decode(ARGV[5])
+for i = 1, #flat / 4 do
+  local at = i * 4 - 3
+  local option, now = flat[at + 2], flat[at + 3]
   local code
-  if not redis.call('SET', ARGV[2] .. item[1], '1', 'NX', 'PX', item[2]) then
+  if not redis.call('SET', prefix .. flat[at], '1', 'NX', 'PX', ttl) then
     code = 'duplicate'
   elseif option == null then
     code = 'new'
@@ -135,11 +138,11 @@ for i, item in ipairs(cjson.decode(ARGV[3])) do
   elseif option ~= math.floor(option) or option < 1 or option > n then
     code = 'bad_option'
   else
-    local user = item[3]
+    local user = flat[at + 1]
     local previous = tonumber(redis.call('HGET', KEYS[2], user))
     if previous == option then
       code = 'unchanged'
-    elseif previous and item[5] ~= 1 then
+    elseif previous and not last_counts then
       code = 'kept'
     else
       if previous then
@@ -399,16 +402,27 @@ class RedisStore:
         """
         if not items and not bans:
             return [], []
-        batch = json.dumps([
-            [f"{item.source}:{item.message_id}", max(1, int(item.ttl_s * 1000)), item.user_id,
-             _option_arg(item.option), 1 if item.last_vote_counts else 0,
-             None if item.now is None else float(item.now)] for item in items], allow_nan=False)
+        groups: dict[tuple[int, bool], list[int]] = {}  # item indexes; one script call each (one in practice)
+        for index, item in enumerate(items):
+            groups.setdefault((max(1, int(item.ttl_s * 1000)), bool(item.last_vote_counts)), []).append(index)
+        codes = [""] * len(items)
+        tally: tuple[int, ...] = ()
+        banned: list[str] = []
         async with self._call("ingest"):
-            joined, counts, banned = await self._ingest(
-                keys=[self._k_round, self._k_votes, self._k_banned],
-                args=[1 if bans else 0, self.key("seen:"), batch])
-        codes = joined.split(",") if joined else []
-        return ingested(items, codes, tuple(int(c) for c in counts)), sorted(banned) if bans else []
+            for (ttl_ms, last_counts), group in groups.items() or {(1, True): []}.items():
+                flat: list[Any] = []
+                for index in group:
+                    item = items[index]
+                    flat += (f"{item.source}:{item.message_id}", item.user_id, _option_arg(item.option),
+                             None if item.now is None else float(item.now))
+                joined, counts, banned = await self._ingest(
+                    keys=[self._k_round, self._k_votes, self._k_banned],
+                    args=[1 if bans else 0, self.key("seen:"), ttl_ms, 1 if last_counts else 0,
+                          json.dumps(flat, allow_nan=False)])
+                for index, code in zip(group, joined.split(",") if joined else [], strict=True):
+                    codes[index] = code
+                tally = tuple(int(c) for c in counts)
+        return ingested(items, codes, tally), sorted(banned) if bans else []
 
     async def close_round(self, round_id: str) -> VoteRound:
         """Close the round (no vote counts after this) and return it with its final tally.
