@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -36,6 +37,40 @@ class TwitchSourceSettings(_Strict):
         "own", description="in a shared chat session: only this channel's viewers steer (own), or all")
     automod_fail: Literal["open", "closed"] = Field(
         "open", description="when Twitch AutoMod cannot be asked: let suggestions pass (open) or hold them")
+    eventsub_url: str = Field("wss://eventsub.wss.twitch.tv/ws",
+                              description="EventSub WebSocket (the Twitch CLI mock: ws://127.0.0.1:8080/ws)")
+    api_url: str = Field("https://api.twitch.tv/helix",
+                         description="Helix root (Twitch CLI mock-api: http://localhost:8080/mock)")
+    auth_url: str = Field("https://id.twitch.tv/oauth2",
+                          description="OAuth root (Twitch CLI mock-api: http://localhost:8080/auth)")
+    eventsub_api_url: str = Field(
+        "", description="where EventSub subscriptions are created; empty: api_url "
+                        "(the Twitch CLI WebSocket mock: its root, http://127.0.0.1:8080)")
+
+    @field_validator("eventsub_url")
+    @classmethod
+    def _websocket_url(cls, url: str) -> str:
+        return _url(url, ("ws", "wss"))
+
+    @field_validator("api_url", "auth_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        return _url(url, ("http", "https"))
+
+    @field_validator("eventsub_api_url")
+    @classmethod
+    def _optional_http_url(cls, url: str) -> str:
+        return _url(url, ("http", "https")) if url else url
+
+
+def _url(url: str, schemes: tuple[str, ...]) -> str:
+    """`url` if it is an absolute URL with one of `schemes`, a host and no query or fragment."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"must be a {' or '.join(s + '://' for s in schemes)} URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment (the source adds its own)")
+    return url.strip().rstrip("/")
 
 
 ChatSourceSettings = Annotated[LocalSourceSettings | TwitchSourceSettings, Field(discriminator="kind")]

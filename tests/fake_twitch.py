@@ -156,15 +156,18 @@ class FakeTwitch:
             await self._runner.cleanup()
 
     @property
-    def helix_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/helix/"
+    def api_url(self) -> str:
+        """Helix root, for `TwitchSourceSettings.api_url`."""
+        return f"http://127.0.0.1:{self.port}/helix"
 
     @property
-    def oauth_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+    def auth_url(self) -> str:
+        """OAuth root, for `TwitchSourceSettings.auth_url`."""
+        return f"http://127.0.0.1:{self.port}/oauth2"
 
     @property
     def eventsub_url(self) -> str:
+        """EventSub WebSocket, for `TwitchSourceSettings.eventsub_url`."""
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def add_user(self, login: str) -> dict[str, Any]:

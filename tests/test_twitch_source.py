@@ -64,9 +64,12 @@ class Collector:
         await asyncio.sleep(seconds)
 
 
-def settings(**overrides: Any) -> TwitchSourceSettings:
+def settings(fake: FakeTwitch | None = None, **overrides: Any) -> TwitchSourceSettings:
+    """A channel's Twitch settings; with `fake`, pointed at it through the URL settings (as a user would)."""
     values: dict[str, Any] = {"channel": "streamer", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
                               "user_token": BOT_TOKEN, "refresh_token": BOT_REFRESH}
+    if fake is not None:
+        values.update(eventsub_url=fake.eventsub_url, api_url=fake.api_url, auth_url=fake.auth_url)
     values.update(overrides)
     return TwitchSourceSettings(**values)
 
@@ -75,8 +78,9 @@ def make_source(fake: FakeTwitch, source_settings: TwitchSourceSettings | None =
                 **kwargs: Any) -> TwitchSource:
     kwargs.setdefault("backoff_base", 0.05)
     kwargs.setdefault("backoff_max", 0.2)
-    return TwitchSource(source_settings or settings(), eventsub_url=fake.eventsub_url,
-                        helix_url=fake.helix_url, oauth_url=fake.oauth_url, **kwargs)
+    chosen = (source_settings or settings()).model_dump()
+    chosen.update(eventsub_url=fake.eventsub_url, api_url=fake.api_url, auth_url=fake.auth_url)
+    return TwitchSource(TwitchSourceSettings.model_validate(chosen), **kwargs)
 
 
 @contextlib.asynccontextmanager
@@ -238,13 +242,65 @@ async def test_abrupt_drop_reconnects_by_itself(fake: FakeTwitch) -> None:
     assert chat.texts == ["before", "after"]
 
 
+async def test_two_sources_in_one_process_each_reach_their_own_twitch() -> None:
+    from twitchio.http import Route
+
+    before = (Route.BASE, Route.ID_BASE)
+    async with FakeTwitch() as one, FakeTwitch(channel="other") as two:
+        first = TwitchSource(settings(one), backoff_base=0.05, backoff_max=0.2)
+        second = TwitchSource(settings(two, channel="other"), backoff_base=0.05, backoff_max=0.2)
+        async with connected(one, first) as chat_one, connected(two, second) as chat_two:
+            assert before == (Route.BASE, Route.ID_BASE)  # nothing process-wide was changed
+            await one.send_chat("alice", "to the first")
+            await two.send_chat("bob", "to the second")
+            await chat_one.wait_count(1)
+            await chat_two.wait_count(1)
+            await chat_one.settle()
+    assert chat_one.texts == ["to the first"] and chat_two.texts == ["to the second"]
+    assert ("GET", "/oauth2/validate") in one.requests and ("GET", "/oauth2/validate") in two.requests
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("eventsub_url", "https://eventsub.wss.twitch.tv/ws", "ws:// or wss://"),
+    ("eventsub_url", "ws:///ws", "with a host"),
+    ("api_url", "ftp://api.twitch.tv/helix", "http:// or https://"),
+    ("auth_url", "https://id.twitch.tv/oauth2?client_secret=x", "query"),
+    ("eventsub_api_url", "127.0.0.1:8080", "http:// or https://"),
+])
+def test_twitch_urls_are_checked_with_the_field_named(field: str, value: str, message: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        settings(**{field: value})
+    (error,) = caught.value.errors()
+    assert error["loc"] == (field,) and message in error["msg"]
+
+
+def test_twitch_urls_default_to_twitch() -> None:
+    chosen = settings()
+    assert (chosen.eventsub_url, chosen.api_url, chosen.auth_url, chosen.eventsub_api_url) == (
+        "wss://eventsub.wss.twitch.tv/ws", "https://api.twitch.tv/helix", "https://id.twitch.tv/oauth2", "")
+
+
+def test_rebase_moves_twitchs_roots_and_the_subscriptions_endpoint() -> None:
+    from chat.sources.twitch_http import Rebase
+
+    rebase = Rebase("http://localhost:8080/mock/", "http://localhost:8080/auth", "http://127.0.0.1:8081")
+    assert rebase("https://api.twitch.tv/helix/users?login=a") == "http://localhost:8080/mock/users?login=a"
+    assert rebase("https://id.twitch.tv/oauth2/validate") == "http://localhost:8080/auth/validate"
+    assert rebase("https://api.twitch.tv/helix/eventsub/subscriptions") == (
+        "http://127.0.0.1:8081/eventsub/subscriptions")
+    assert rebase("https://static-cdn.jtvnw.net/emote.png") == "https://static-cdn.jtvnw.net/emote.png"
+    assert rebase("https://api.twitch.tv/helixx/evil") == "https://api.twitch.tv/helixx/evil"
+
+
 async def test_offline_start_then_twitch_appears() -> None:
     with socket.socket() as probe:  # a free port where nothing listens yet
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    source = TwitchSource(settings(), eventsub_url=f"ws://127.0.0.1:{port}/ws", helix_url=f"{url}/helix/",
-                          oauth_url=url, backoff_base=0.05, backoff_max=0.2)
+    source = TwitchSource(settings(eventsub_url=f"ws://127.0.0.1:{port}/ws", api_url=f"{url}/helix",
+                                   auth_url=f"{url}/oauth2"), backoff_base=0.05, backoff_max=0.2)
     async with running(source) as chat:
         await asyncio.sleep(0.3)
         status = source.status()

@@ -19,8 +19,10 @@ What this module adds on top:
   closed (`automod_fail`) where Twitch cannot be asked;
 - redaction: client secret, tokens and refresh tokens never reach a log line or `status()`.
 
-`helix_url`/`oauth_url` move twitchio's `Route.BASE`/`Route.ID_BASE`, which are class attributes: the
-override is process-wide while `run` is active (tests point it at a local fake).
+Where Twitch is comes from the settings (`eventsub_url`, `api_url`, `auth_url`, `eventsub_api_url`; Twitch's
+own by default): the EventSub URL is given to each socket, the HTTP roots through the client's own session
+(chat/sources/twitch_http.py), so nothing process-wide changes and tests or the Twitch CLI mocks need no
+patching.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ import aiohttp
 import twitchio
 from twitchio.eventsub import ChannelPointsRedeemAddSubscription, ChatMessageSubscription
 from twitchio.eventsub.websockets import Websocket
-from twitchio.http import Route
 from twitchio.models.moderation import AutomodCheckMessage
 from twitchio.web import BaseAdapter
 
 from chat.events import ChatEvent, Role
 from chat.settings import TwitchSourceSettings
 from chat.sources.base import Emit
+from chat.sources.twitch_http import Rebase, rebased_session
 
 if TYPE_CHECKING:
     from twitchio.eventsub import SubscriptionPayload
@@ -320,9 +322,6 @@ class TwitchSource:
         self,
         settings: TwitchSourceSettings,
         *,
-        eventsub_url: str | None = None,
-        helix_url: str | None = None,
-        oauth_url: str | None = None,
         name: str = "twitch",
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
@@ -342,9 +341,9 @@ class TwitchSource:
     ) -> None:
         self.settings = settings
         self.name = name
-        self._eventsub_url = (eventsub_url or "wss://eventsub.wss.twitch.tv/ws").split("?")[0]
-        self._helix_url = _with_slash(helix_url) if helix_url else None
-        self._oauth_url = _with_slash(oauth_url) if oauth_url else None
+        self._eventsub_url = settings.eventsub_url
+        self._rebase = Rebase(settings.api_url, settings.auth_url, settings.eventsub_api_url)
+        self._session: aiohttp.ClientSession | None = None
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._stable_after = stable_after
@@ -364,7 +363,6 @@ class TwitchSource:
         self._sockets: dict[str, _EventSubSocket] = {}
         self._wake = asyncio.Event()
         self._running = False
-        self._saved_routes: tuple[str, str] | None = None
         self._bot_id: str | None = None
         self._bot_login: str | None = None
         self._broadcaster_id: str | None = None
@@ -420,7 +418,6 @@ class TwitchSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
             await asyncio.shield(self._drop_client())
-            self._restore_routes()
             self._running = False
             self._connected = False
 
@@ -635,9 +632,9 @@ class TwitchSource:
     async def _start_client(self) -> None:
         settings = self.settings
         self._broadcaster_id, self._broadcaster_auth = None, None  # until this client has logged in
-        self._apply_routes()
+        self._session = rebased_session(self._rebase)
         client = twitchio.Client(client_id=settings.client_id, client_secret=settings.client_secret,
-                                 fetch_client_user=False, adapter=_NoWebAdapter())
+                                 fetch_client_user=False, adapter=_NoWebAdapter(), session=self._session)
         self._client = client
         client.add_listener(self._on_message, event="event_message")
         client.add_listener(self._on_redemption, event="event_custom_redemption_add")
@@ -788,22 +785,9 @@ class TwitchSource:
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close(save_tokens=False)
-
-    def _apply_routes(self) -> None:
-        if self._saved_routes is None:
-            self._saved_routes = (Route.BASE, Route.ID_BASE)
-        if self._helix_url:
-            Route.BASE = self._helix_url
-        if self._oauth_url:
-            Route.ID_BASE = self._oauth_url
-
-    def _restore_routes(self) -> None:
-        if self._saved_routes is not None:
-            if self._helix_url and self._helix_url == Route.BASE:
-                Route.BASE = self._saved_routes[0]
-            if self._oauth_url and self._oauth_url == Route.ID_BASE:
-                Route.ID_BASE = self._saved_routes[1]
-            self._saved_routes = None
+        session, self._session = self._session, None
+        if session is not None:  # ours, so twitchio leaves it open
+            await session.close()
 
     # ----- events -----
 
@@ -931,6 +915,3 @@ class TwitchSource:
         text = str(exc) or type(exc).__name__
         return _REDACT(f"{type(exc).__name__}: {text}"[:500])
 
-
-def _with_slash(url: str) -> str:
-    return url if url.endswith("/") else url + "/"
