@@ -13,7 +13,7 @@ Enough of Twitch for the real twitchio 3 client to log in, subscribe and read ch
   receiving until the new one is welcomed, then it is closed), abrupt drops, and redelivery of a
   notification (EventSub is at-least-once).
 
-Test API: `send_chat`, `redeliver`, `redeem`, `reconnect`, `drop`, `expire_token`, `wait_for`,
+Test API: `send_chat`, `redeliver`, `redeem`, `reconnect`, `revoke`, `drop`, `expire_token`, `wait_for`,
 `sent_messages`, `connections`, `subscriptions`, `redemptions`, `rewards`, `refreshes`, `automod_forbidden`,
 `automod_error_status`, `automod_checks`.
 """
@@ -94,6 +94,7 @@ class FakeTwitch:
         self.rewards: dict[str, dict[str, Any]] = {}
         self.redemptions: dict[str, dict[str, Any]] = {}
         self.connections: list[Connection] = []
+        self.revoked: list[dict[str, Any]] = []  # subscriptions revoked by `revoke`, with their status
         self.notifications: dict[str, dict[str, Any]] = {}  # event id -> the notification as sent
         self.refuse_connections_until = 0.0
         self._pending: dict[str, _PendingReconnect] = {}
@@ -330,6 +331,33 @@ class FakeTwitch:
                 "reconnect_url": f"{self.eventsub_url}?reconnect={token}", "connected_at": _now_iso(),
                 "recovery_url": None}}))
             self._spawn(self._reconnect_grace(token))
+
+    async def revoke(self, type_: str, status: str = "authorization_revoked") -> None:
+        """Revoke every open subscription of `type_` with a `revocation` message (Twitch sends no more).
+
+        `authorization_revoked` also makes the tokens of the subscription's user invalid, as a user
+        disconnecting the app does: they answer 401 and cannot be refreshed.
+        """
+        for conn in self.open_connections():
+            for sub_id, sub in list(conn.subscriptions.items()):
+                if sub["type"] != type_:
+                    continue
+                del conn.subscriptions[sub_id]
+                self.revoked.append({**sub, "status": status})
+                await self.send_revocation(conn, sub, status)
+                if status == "authorization_revoked":
+                    user_id = sub["condition"].get("user_id") or sub["condition"].get("broadcaster_user_id")
+                    for data in self.tokens.values():
+                        if data["user_id"] == user_id:
+                            data["valid"] = False
+                    for refresh, owner in list(self.refresh_tokens.items()):
+                        if owner == user_id:
+                            del self.refresh_tokens[refresh]
+
+    async def send_revocation(self, conn: Connection, sub: dict[str, Any], status: str) -> None:
+        """Only the `revocation` message for `sub` on `conn` (what `revoke` sends; a test may repeat it)."""
+        payload = {"subscription": {**sub, "status": status}}
+        await self._send(conn, self._message("revocation", payload, subscription=sub))
 
     async def wait_reconnected(self, timeout: float = 5.0) -> None:
         """Until every pending `reconnect()` has completed."""

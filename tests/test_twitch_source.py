@@ -294,6 +294,66 @@ def test_rebase_moves_twitchs_roots_and_the_subscriptions_endpoint() -> None:
     assert rebase("https://api.twitch.tv/helixx/evil") == "https://api.twitch.tv/helixx/evil"
 
 
+def subscription_posts(fake: FakeTwitch) -> int:
+    return fake.requests.count(("POST", "/helix/eventsub/subscriptions"))
+
+
+@pytest.mark.parametrize("status", ["authorization_revoked", "user_removed", "version_removed",
+                                    "moderator_removed", "a_reason_twitch_adds_later"])
+async def test_a_revoked_chat_subscription_is_not_renewed_and_is_reported_once(
+        fake: FakeTwitch, caplog: pytest.LogCaptureFixture, status: str) -> None:
+    source = make_source(fake)
+    async with connected(fake, source) as chat:
+        posts = subscription_posts(fake)
+        await fake.revoke("channel.chat.message", status)
+        await fake.wait_for(lambda: not source.status()["connected"], what="the source to notice")
+        await asyncio.sleep(0.6)  # a dozen backoff steps: a resubscribe loop would show by now
+        await fake.send_chat("alice", "nobody reads this")
+        await chat.settle()
+        status_now = source.status()
+    assert subscription_posts(fake) == posts
+    assert chat.texts == []
+    assert status_now["revoked"] == {"channel.chat.message": status}
+    assert status_now["connected"] is False
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and status in errors[0] and "channel.chat.message" in errors[0]
+    expected = "token revoked" if status == "authorization_revoked" else f"subscription revoked ({status})"
+    assert status_now["last_error"].startswith(expected)
+
+
+async def test_a_revoked_reward_subscription_leaves_chat_running(fake: FakeTwitch) -> None:
+    source = make_source(fake, settings(broadcaster_token=BROADCASTER_TOKEN, reward_title="Prompt"))
+    async with connected(fake, source, subscriptions=2) as chat:
+        posts = subscription_posts(fake)
+        await fake.revoke("channel.channel_points_custom_reward_redemption.add", "authorization_revoked")
+        await fake.wait_for(lambda: source.status()["revoked"] != {}, what="the revocation")
+        await asyncio.sleep(0.3)
+        await fake.send_chat("alice", "chat goes on")
+        await chat.wait_count(1)
+        assert source.status()["connected"] is True
+    assert subscription_posts(fake) == posts
+    assert source.status()["revoked"] == {"channel.channel_points_custom_reward_redemption.add":
+                                          "authorization_revoked"}
+
+
+async def test_a_repeated_revocation_is_reported_once(fake: FakeTwitch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # the bot is the broadcaster: one socket carries both subscriptions, so it stays open after one goes
+    own = settings(user_token=BROADCASTER_TOKEN, refresh_token="", reward_title="Prompt")
+    source = make_source(fake, own)
+    async with connected(fake, source, subscriptions=2) as chat:
+        (conn,) = fake.open_connections()
+        sub = next(s for s in conn.subscriptions.values() if s["type"] == "channel.chat.message")
+        await fake.send_revocation(conn, sub, "user_removed")
+        await fake.send_revocation(conn, sub, "user_removed")  # at-least-once, like every EventSub message
+        await fake.wait_for(lambda: source.status()["revoked"] != {}, what="the revocation")
+        await fake.redeem("alice", user_input="still redeemable")
+        await chat.wait_count(1)
+        assert conn.open
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+    assert chat.texts == ["still redeemable"]
+
+
 async def test_offline_start_then_twitch_appears() -> None:
     with socket.socket() as probe:  # a free port where nothing listens yet
         probe.bind(("127.0.0.1", 0))

@@ -60,6 +60,16 @@ WRITE_SCOPE = "user:write:chat"
 REWARD_SCOPE = "channel:manage:redemptions"
 AUTOMOD_SCOPE = "moderation:read"
 MAX_MESSAGE_CHARS = 500  # Send Chat Message limit
+CHAT_TYPE = "channel.chat.message"
+REDEMPTION_TYPE = "channel.channel_points_custom_reward_redemption.add"
+# Why Twitch revokes a subscription (the `status` of a revocation message), and what the operator can do.
+REVOCATION_HELP = {
+    "authorization_revoked": "the token was revoked (its user disconnected the app or changed their password)"
+                             ": make a new token and reload the channel",
+    "user_removed": "the user is no longer on Twitch (deleted or suspended)",
+    "version_removed": "Twitch retired this subscription version: a newer promptcast is needed",
+    "moderator_removed": "the token's user is no longer a moderator of the channel",
+}
 REWARD_PROMPT = "Describe what the stream should show"
 
 
@@ -257,6 +267,12 @@ class _EventSubSocket(Websocket):
             await self._hold.wait()
         await super()._process_notification(data)
 
+    async def _process_revocation(self, data: Any) -> None:
+        # Before twitchio forgets the subscription (and closes a socket left with none): the source must
+        # know first, or its supervisor would subscribe again.
+        self._source._on_revocation(self._token_for, data.get("payload", {}).get("subscription", {}))
+        await super()._process_revocation(data)
+
     async def _reconnect(self, url: str) -> None:
         # Runs inside the old socket's listen loop, so nothing else reads the old socket meanwhile.
         source = self._source
@@ -360,6 +376,7 @@ class TwitchSource:
 
         self._client: twitchio.Client | None = None
         self._groups: dict[str, list[SubscriptionPayload]] = {}  # token user id -> its subscriptions
+        self._revoked: dict[str, str] = {}  # subscription type -> why Twitch revoked it (kept until a reload)
         self._sockets: dict[str, _EventSubSocket] = {}
         self._wake = asyncio.Event()
         self._running = False
@@ -486,6 +503,7 @@ class TwitchSource:
             "replies_failed": self._replies_failed,
             "replies_available": self._limiter.available(),
             "reward_id": self._reward_id,
+            "revoked": dict(self._revoked),
             "automod_checked": self._automod_checked,
             "automod_held": self._automod_held,
             "automod_failed": self._automod_failed,
@@ -576,7 +594,8 @@ class TwitchSource:
     async def _supervise(self) -> None:
         first = True
         while True:
-            if self._client is None or not self._groups or any(not self._healthy(t) for t in self._groups):
+            # A revoked subscription is gone from _groups: nothing reconnects or resubscribes it.
+            if self._client is None or any(not self._healthy(t) for t in self._groups):
                 if not first:
                     if self._connected:  # it was up: lost now
                         if time.monotonic() - self._connected_at < self._stable_after:
@@ -618,7 +637,7 @@ class TwitchSource:
         return socket is not None and socket.connected and not socket._closed and not socket._closing
 
     async def _connect_all(self) -> None:
-        if self._client is None or not self._groups:
+        if self._client is None:
             await self._drop_client()
             try:
                 await self._start_client()
@@ -640,7 +659,6 @@ class TwitchSource:
         client.add_listener(self._on_redemption, event="event_custom_redemption_add")
         client.add_listener(self._on_socket_closed, event="event_websocket_closed")
         client.add_listener(self._on_token_refreshed, event="event_token_refreshed")
-        client.add_listener(self._on_revoked, event="event_subscription_revoked")
         async with asyncio.timeout(self._http_timeout * 3):
             # an app token; no token file is read or written
             await client.login(load_tokens=False, save_tokens=False)
@@ -658,10 +676,12 @@ class TwitchSource:
             broadcaster_id = users[0].id
         self._broadcaster_id = broadcaster_id
         assert bot.user_id is not None
-        self._groups = {
-            bot.user_id: [ChatMessageSubscription(broadcaster_user_id=broadcaster_id, user_id=bot.user_id)]}
+        self._groups = {}
+        if CHAT_TYPE not in self._revoked:
+            self._groups[bot.user_id] = [
+                ChatMessageSubscription(broadcaster_user_id=broadcaster_id, user_id=bot.user_id)]
         self._reward_id = None
-        if settings.reward_title:
+        if settings.reward_title and REDEMPTION_TYPE not in self._revoked:
             reward_id = await self._setup_reward()
             if reward_id is not None:
                 self._reward_id = reward_id
@@ -886,9 +906,22 @@ class TwitchSource:
         _REDACT.add(payload.token, payload.refresh_token)
         log.info("twitch: the token of user %s was refreshed", payload.user_id)
 
-    async def _on_revoked(self, payload: Any) -> None:
-        log.warning("twitch: Twitch revoked the %s subscription (%s)", getattr(payload, "type", "?"),
-                    getattr(payload, "status", "?"))
+    def _on_revocation(self, token_for: str | None, subscription: dict[str, Any]) -> None:
+        """Twitch revoked a subscription: drop it for good (until a reload) and say so once, loudly."""
+        type_, status = str(subscription.get("type", "?")), str(subscription.get("status", "?"))
+        if type_ in self._revoked:
+            return
+        self._revoked[type_] = status
+        payloads = self._groups.get(token_for or "", [])
+        payloads[:] = [p for p in payloads if str(getattr(p.type, "value", p.type)) != type_]
+        if token_for in self._groups and not payloads:
+            del self._groups[token_for]  # nothing left to read on that token: no socket, no reconnect
+            self._sockets.pop(token_for, None)
+        help_text = REVOCATION_HELP.get(status, f"Twitch gave the reason {status!r}")
+        what = "token revoked" if status == "authorization_revoked" else f"subscription revoked ({status})"
+        self._last_error = f"{what}: {type_}: {help_text}"
+        log.error("twitch: Twitch revoked the %s subscription of #%s (%s): %s; it is not renewed until the "
+                  "channel is reloaded", type_, self.settings.channel, status, help_text)
         self._wake.set()
 
     async def _set_redemption(self, event: ChatEvent, status: str) -> None:
