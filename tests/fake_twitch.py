@@ -71,6 +71,7 @@ class Connection:
 class _PendingReconnect:
     old: Connection
     welcome_delay: float
+    close_old: bool = True
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -224,13 +225,15 @@ class FakeTwitch:
 
     async def send_chat(self, login: str, text: str, *, badges: Iterable[str | dict[str, str]] = (),
                         message_id: str | None = None, source_broadcaster: str | None = None,
-                        reward_id: str | None = None, reply_to: str | None = None) -> str:
+                        reward_id: str | None = None, reply_to: str | None = None,
+                        via: Connection | None = None) -> str:
         """Chat `text` as `login` in the channel; returns the message id.
 
         badges: set ids ("moderator", "subscriber", ...) or full {set_id, id, info} dicts.
         message_id: reuse one to send the same message again (a redelivery carries the same ids).
         source_broadcaster: in a shared chat session, the channel the message was typed in.
         reply_to: the id of the message this one answers (a thread reply).
+        via: send it on this connection only (e.g. an old one after a reconnect), else where subscribed.
         """
         chatter = self.add_user(login)
         channel = self.users[self.channel]
@@ -264,7 +267,7 @@ class FakeTwitch:
             "channel_points_animation_id": None,
         }
         await self._notify("channel.chat.message", event, event_id=message_id,
-                           match=lambda cond: cond.get("broadcaster_user_id") == channel["id"])
+                           match=lambda cond: cond.get("broadcaster_user_id") == channel["id"], via=via)
         return message_id
 
     def _reply_data(self, parent_id: str | None) -> dict[str, str] | None:
@@ -316,16 +319,18 @@ class FakeTwitch:
             and cond.get("reward_id") in (None, "", reward_id))
         return redemption_id
 
-    async def reconnect(self, *, welcome_delay: float = 0.0) -> None:
+    async def reconnect(self, *, welcome_delay: float = 0.0, close_old: bool = True) -> None:
         """Send `session_reconnect` on every open connection.
 
         Notifications keep going to the old connection until the client connects to the reconnect URL and
         is welcomed there (after `welcome_delay`); then the subscriptions move over and the old connection
-        is closed. A client that never comes sees its old connection closed (4004) after `reconnect_grace`.
+        is closed (with `close_old=False` it stays open: a test may still send on it with `via=`, as a
+        server that is slow to close it would). A client that never comes sees its old connection closed
+        (4004) after `reconnect_grace`.
         """
         for old in self.open_connections():
             token = uuid.uuid4().hex
-            self._pending[token] = _PendingReconnect(old=old, welcome_delay=welcome_delay)
+            self._pending[token] = _PendingReconnect(old, welcome_delay, close_old)
             await self._send(old, self._message("session_reconnect", {"session": {
                 "id": old.session_id, "status": "reconnecting", "keepalive_timeout_seconds": None,
                 "reconnect_url": f"{self.eventsub_url}?reconnect={token}", "connected_at": _now_iso(),
@@ -400,7 +405,8 @@ class FakeTwitch:
                 pending.old.subscriptions = {}
                 for sub in conn.subscriptions.values():
                     sub["transport"]["session_id"] = conn.session_id
-                await self._close(pending.old, "reconnected")
+                if pending.close_old:
+                    await self._close(pending.old, "reconnected")
                 pending.done.set()
             conn.keepalive_task = asyncio.create_task(self._keepalive(conn))
             async for msg in ws:  # clients may not send anything; Twitch closes them (4001)
@@ -425,6 +431,10 @@ class FakeTwitch:
         pending = self._pending.pop(token, None)
         if pending is not None:
             await self._close(pending.old, "reconnect grace time expired", code=4004)
+
+    async def close_connection(self, conn: Connection, reason: str, code: int = 1000) -> None:
+        """Close one connection with a close frame, as Twitch does."""
+        await self._close(conn, reason, code)
 
     async def _close(self, conn: Connection, reason: str, code: int = 1000) -> None:
         if conn.closed_at is None:
@@ -457,11 +467,12 @@ class FakeTwitch:
                 and any(s["type"] == type_ and match(s["condition"]) for s in c.subscriptions.values())]
 
     async def _notify(self, type_: str, event: dict[str, Any], *, event_id: str,
-                      match: Callable[[dict[str, Any]], bool]) -> None:
+                      match: Callable[[dict[str, Any]], bool], via: Connection | None = None) -> None:
         # the same event id gives the same metadata.message_id: a redelivery, as Twitch sends it
         metadata_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{type_}/{event_id}"))
-        for conn in self._delivery_targets(type_, match):
-            sub = next(s for s in conn.subscriptions.values() if s["type"] == type_ and match(s["condition"]))
+        for conn in [via] if via is not None else self._delivery_targets(type_, match):
+            sub = next(s for c in [conn, *self.connections] for s in c.subscriptions.values()
+                       if s["type"] == type_ and match(s["condition"]))
             note = self._message("notification", {"subscription": sub, "event": event},
                                  metadata_id=metadata_id, subscription=sub)
             self.notifications[event_id] = note

@@ -224,6 +224,56 @@ async def test_session_reconnect_loses_no_message(fake: FakeTwitch) -> None:
         await chat.wait_count(len(sent) + 1)
 
 
+async def test_session_reconnect_does_not_wait_for_the_old_socket_to_close(fake: FakeTwitch) -> None:
+    source = make_source(fake)
+    async with connected(fake, source) as chat:
+        (old,) = fake.open_connections()
+        await fake.reconnect(close_old=False)  # a server slow to close the old connection
+        await fake.wait_reconnected()
+        await fake.wait_for(lambda: source.status()["session_reconnects"] == 1, what="the hand-over")
+        sent = asyncio.get_running_loop().time()
+        await fake.send_chat("alice", "on the new session")
+        await chat.wait_count(1)
+        stall = asyncio.get_running_loop().time() - sent
+        assert old.open  # still open: nothing waited for it
+    assert stall < 0.3  # the old hand-over held new notifications until the old socket closed, or 3 s
+
+
+async def test_frames_on_the_old_socket_after_the_hand_over_are_all_handled(fake: FakeTwitch) -> None:
+    own = settings(user_token=BROADCASTER_TOKEN, refresh_token="", reward_title="Prompt")
+    source = make_source(fake, own)
+    async with connected(fake, source, subscriptions=2) as chat:
+        (old,) = fake.open_connections()
+        chat_sub = next(s for s in old.subscriptions.values() if s["type"] == "channel.chat.message")
+        await fake.reconnect(close_old=False)
+        await fake.wait_reconnected()
+        new = next(c for c in fake.open_connections() if c is not old)
+        await fake.send_chat("alice", "late on the old one", via=old)  # sent before the switch, read after
+        await fake.send_revocation(old, chat_sub, "user_removed")  # and a revocation right behind it
+        await fake.send_chat("bob", "on the new one", via=new)
+        await chat.wait_count(2)
+        await fake.wait_for(lambda: source.status()["revoked"] != {}, what="the revocation")
+        assert sorted(chat.texts) == ["late on the old one", "on the new one"]
+        assert source.status()["revoked"] == {"channel.chat.message": "user_removed"}
+        await fake.close_connection(old, "closed at last")
+        await asyncio.sleep(0.1)
+        await fake.redeem("carol", user_input="after the old one closed")
+        await chat.wait_count(3)
+        assert source.status()["reconnects"] == 0  # the old socket closing is no connection loss
+
+
+async def test_a_moved_socket_that_the_server_never_closes_is_closed_by_the_source(fake: FakeTwitch) -> None:
+    source = make_source(fake, retire_after=0.2)
+    async with connected(fake, source) as chat:
+        (old,) = fake.open_connections()
+        await fake.reconnect(close_old=False)
+        await fake.wait_reconnected()
+        await fake.wait_for(lambda: not old.open, timeout=2, what="the old socket closed")
+        await fake.send_chat("alice", "still reading")
+        await chat.wait_count(1)
+    assert old.close_reason == "client closed"
+
+
 async def test_abrupt_drop_reconnects_by_itself(fake: FakeTwitch) -> None:
     source = make_source(fake)
     async with connected(fake, source) as chat:

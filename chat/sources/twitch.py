@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import re
@@ -255,17 +254,18 @@ class _SetupError(Exception):
 
 
 class _EventSubSocket(Websocket):
-    """twitchio's EventSub socket with a `session_reconnect` handover that loses no notification."""
+    """twitchio's EventSub socket with a `session_reconnect` hand-over that neither stalls nor drops.
 
-    def __init__(self, source: TwitchSource, *, hold: asyncio.Event | None = None, **kwargs: Any) -> None:
+    twitchio closes the old socket as soon as the new one is welcomed, losing whatever Twitch had already
+    sent on it. Here the old socket stays open and goes on being read by its own loop, every frame type
+    handled as usual (a notification, a revocation), until Twitch closes it (or `retire_after` seconds
+    pass); the new socket is used from its welcome on, without waiting for the old one.
+    """
+
+    def __init__(self, source: TwitchSource, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._source = source
-        self._hold = hold  # set: notifications may be dispatched (the old socket's are all out)
-
-    async def _process_notification(self, data: Any) -> None:
-        if self._hold is not None and not self._hold.is_set():
-            await self._hold.wait()
-        await super()._process_notification(data)
+        self._successor: _EventSubSocket | None = None  # set once Twitch moved the session elsewhere
 
     async def _process_revocation(self, data: Any) -> None:
         # Before twitchio forgets the subscription (and closes a socket left with none): the source must
@@ -274,58 +274,40 @@ class _EventSubSocket(Websocket):
         await super()._process_revocation(data)
 
     async def _reconnect(self, url: str) -> None:
-        # Runs inside the old socket's listen loop, so nothing else reads the old socket meanwhile.
+        # Runs inside the old socket's listen loop: it reads on once this returns.
         source = self._source
-        hold = asyncio.Event()
-        new = _EventSubSocket(source, hold=hold, keep_alive_timeout=self.keep_alive_timeout,
-                              reconnect_attempts=None, client=self._client, token_for=self._token_for,
-                              http=self._http)
+        if self._successor is not None:
+            log.warning("twitch: a second session_reconnect on a socket already moved: ignored")
+            return
+        started = time.monotonic()
+        new = _EventSubSocket(source, keep_alive_timeout=self.keep_alive_timeout, reconnect_attempts=None,
+                              client=self._client, token_for=self._token_for, http=self._http)
         new._subscriptions = self._subscriptions  # Twitch moves the subscriptions with the session
         try:
-            try:
-                await new.connect(url=url, fail_once=True)
-            except Exception as exc:
-                log.warning("twitch: session_reconnect failed (%s); reconnecting from scratch",
-                            source._describe(exc))
-                await self.close()
-                return
-            source._adopt(new)
-            # Twitch sent to the old socket until the new one was welcomed: dispatch what is already there
-            # first, then what the new socket holds, so nothing is lost and the order is kept.
-            await self._drain(source._drain_timeout)
-        finally:
-            hold.set()
-        await self.close()
-        source._adopt(new)  # closing the old one may have unregistered a session id the new one shares
-        source._session_reconnects += 1
-        log.info("twitch: session_reconnect handled (new session %s)", new.session_id)
-
-    async def _drain(self, timeout: float) -> None:
-        socket = self._socket
-        if socket is None:
+            await new.connect(url=url, fail_once=True)
+        except Exception as exc:
+            log.warning("twitch: session_reconnect failed (%s); reconnecting from scratch",
+                        source._describe(exc))
+            await self.close()
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not socket.closed:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                message = await socket.receive(timeout=remaining)
-            except Exception:  # timeout or a broken socket: nothing more to read
-                break
-            if message.type is not aiohttp.WSMsgType.TEXT:
-                break
-            try:
-                data = json.loads(message.data)
-            except ValueError:
-                continue
-            if data.get("metadata", {}).get("message_type") == "notification":
-                try:
-                    await self._process_notification(data)
-                except Exception as exc:
-                    log.warning("twitch: unreadable notification while draining: %s",
-                                self._source._describe(exc))
+        self._successor = new
+        source._adopt(new)
+        source._retired.add(self)
+        source._session_reconnects += 1
+        source._spawn(self._retire_after(source._retire_after))
+        log.info("twitch: session_reconnect handled in %.0f ms (new session %s)",
+                 (time.monotonic() - started) * 1000, new.session_id)
+
+    async def _retire_after(self, seconds: float) -> None:
+        """Twitch closes a moved socket by itself; this is for a server that never does."""
+        await asyncio.sleep(seconds)
+        await self.close()
+
+    async def close(self, cleanup: bool = True, *, reassociate: bool = True) -> None:
+        await super().close(cleanup, reassociate=reassociate)
+        self._source._retired.discard(self)
+        if self._successor is not None:  # closing unregistered the session id, which the new socket shares
+            self._source._adopt(self._successor)
 
 
 # ---------------------------------------------------------------------------------------------- source
@@ -345,7 +327,7 @@ class TwitchSource:
         reply_limit: int = 20,
         reply_window: float = 30.0,
         keepalive_timeout: int = 10,
-        drain_timeout: float = 3.0,
+        retire_after: float = 30.0,
         check_interval: float = 1.0,
         http_timeout: float = 10.0,
         dedupe_size: int = 4096,
@@ -364,7 +346,9 @@ class TwitchSource:
         self._backoff_max = backoff_max
         self._stable_after = stable_after
         self._keepalive_timeout = max(10, min(600, int(keepalive_timeout)))
-        self._drain_timeout = drain_timeout
+        self._retire_after = retire_after  # a moved socket still open after this is closed by us
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._retired: set[_EventSubSocket] = set()  # moved by session_reconnect, not closed by Twitch yet
         self._check_interval = check_interval
         self._http_timeout = http_timeout
         self._limiter = ReplyLimiter(reply_limit, reply_window)
@@ -790,6 +774,11 @@ class TwitchSource:
             raise
         self._sockets[token_for] = socket
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _adopt(self, socket: _EventSubSocket) -> None:
         """A socket that replaced another after `session_reconnect`."""
         if self._client is None or socket._token_for is None or socket.session_id is None:
@@ -798,6 +787,11 @@ class TwitchSource:
         self._sockets[socket._token_for] = socket
 
     async def _drop_client(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for retired in list(self._retired):
+            with contextlib.suppress(Exception):
+                await retired.close()
         client, self._client = self._client, None
         self._broadcaster_id, self._broadcaster_auth = None, None
         self._sockets.clear()
