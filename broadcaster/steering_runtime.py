@@ -72,6 +72,11 @@ class SteeringRuntime:
             if source is not None:
                 await source.refund(event)
 
+        async def fulfill(event: ChatEvent) -> None:
+            done = getattr(by_name.get(event.source), "fulfill", None)  # only Twitch has redemptions
+            if done is not None:
+                await done(event)
+
         async def announce(text: str) -> None:
             for source in self.sources:
                 await source.reply(text, None)
@@ -87,6 +92,7 @@ class SteeringRuntime:
             queue_depth=metrics.queue_depth.set,
             reply=reply,
             refund=refund,
+            fulfill=fulfill,
             prepare=supervisor.prepare_prompt,
             announce=announce,
             automod=automod,

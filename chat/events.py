@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NamedTuple
 
+REDEMPTION_LABEL = "channel_points"  # how a channel-point redemption is shown and counted
+
 
 class Role(StrEnum):
     """Chat roles, from Twitch badges (or the local panel)."""
@@ -36,6 +38,14 @@ class ChatEvent:
     def is_moderator(self) -> bool:
         """Moderators and the broadcaster may run moderator commands."""
         return bool(self.roles & {Role.MODERATOR, Role.BROADCASTER})
+
+    @property
+    def label(self) -> str:
+        """How the event is shown and counted: `channel_points` for a redemption, else its source.
+
+        `source` stays the source's name: replies, refunds and fulfilment go back through it.
+        """
+        return REDEMPTION_LABEL if self.redemption_id else self.source
 
 
 @dataclass(frozen=True)

@@ -407,7 +407,7 @@ class Moderator:
         if len(accepted) == accepted.maxlen and now - accepted[0] < RATE_WINDOW_SECONDS:
             wait = accepted[0] + RATE_WINDOW_SECONDS - now
             return Decision(False, "rate_limited", raw=cleaned, retry_after=wait,
-                            message=f"slow down: {settings.rate_limit_per_minute} prompts a minute; "
+                            message=f"slow down: {accepted.maxlen} prompts a minute; "
                                     f"try again in {max(1, round(wait))} s")
 
         decision = Decision(True, "accepted", text=self._apply_template(cleaned), raw=cleaned,
@@ -481,11 +481,14 @@ class Moderator:
     # -- bounded state
 
     def _user(self, event: ChatEvent, now: float) -> _User:
-        key = f"{event.source}\x00{event.user_id or event.login}"
+        # Per label: a redemption (paid for) draws on a budget of its own, not on the user's chat prompts.
+        key = f"{event.label}\x00{event.user_id or event.login}"
         user = self._users.get(key)
         if user is None:
             settings = self.settings
-            user = _User(deque(maxlen=settings.flood_messages), deque(maxlen=settings.rate_limit_per_minute))
+            rate = (settings.redemption_rate_limit_per_minute if event.redemption_id
+                    else settings.rate_limit_per_minute)
+            user = _User(deque(maxlen=settings.flood_messages), deque(maxlen=rate))
             self._users[key] = user
             while len(self._users) > self._max_users:
                 self._users.popitem(last=False)

@@ -125,6 +125,8 @@ class ModerationSettings(_Strict):
     blocklist_regex: list[str] = Field(default_factory=list)
     blocklist_file: Path | None = Field(None, description="a word per line; re: lines are regex")
     rate_limit_per_minute: int = Field(6, ge=1, description="prompts one user may send")
+    redemption_rate_limit_per_minute: int = Field(
+        10, ge=1, description="channel-point redemptions one user may make a minute (a budget of their own)")
     flood_messages: int = Field(10, ge=2, description="this many in flood_seconds mutes")
     flood_seconds: float = Field(5.0, gt=0)
     flood_mute_seconds: float = Field(120.0, ge=0)
@@ -159,6 +161,13 @@ class ModerationSettings(_Strict):
         return patterns
 
 
+class RedemptionSettings(_Strict):
+    """Channel-point redemptions: fulfilled when their prompt airs, refunded when it never will."""
+
+    expire_minutes: float = Field(
+        30.0, ge=1, le=24 * 60, description="a redeemed suggestion not on air by then is refunded")
+
+
 class ChatSettings(_Strict):
     """How viewers steer the channel."""
 
@@ -168,6 +177,7 @@ class ChatSettings(_Strict):
     vote: VoteSettings = Field(default_factory=VoteSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     moderation: ModerationSettings = Field(default_factory=ModerationSettings)
+    redemptions: RedemptionSettings = Field(default_factory=RedemptionSettings)
     fallback: Literal["keep"] = Field(
         "keep", description="when nothing is chosen: keep the current prompt (the scheduler adds more)")
 

@@ -17,6 +17,9 @@ from chat.batch import Batcher
 from chat.commands import PromptCommand, Refusal, VoteCommand, parse_command
 from chat.events import ChatEvent, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
 from chat.moderation import Moderator, fold
+from chat.redemptions import Redemptions
+from chat.redemptions import pool as pool_place
+from chat.redemptions import queue as queue_place
 from chat.settings import ChatSettings
 from chat.store import SteeringStore
 
@@ -34,7 +37,8 @@ class SteeringHooks:
     vote: Callable[[], None] = lambda: None
     queue_depth: Callable[[int], None] = lambda depth: None
     reply: Callable[[ChatEvent, str], Awaitable[None]] | None = None
-    refund: Callable[[ChatEvent], Awaitable[None]] | None = None
+    refund: Callable[[ChatEvent], Awaitable[None]] | None = None  # a redemption ends CANCELED (points back)
+    fulfill: Callable[[ChatEvent], Awaitable[None]] | None = None  # a redemption ends FULFILLED (it aired)
     prepare: Callable[[str], None] = lambda text: None  # pre-encode a prompt that may play soon
     announce: Callable[[str], Awaitable[None]] | None = None  # a line to every chat (round open/result)
     automod: Callable[[ChatEvent, str], Awaitable[bool]] | None = None  # Twitch AutoMod, when enabled
@@ -64,6 +68,7 @@ class Steering:
         self._round = _RoundState()
         self._last_queued_by: dict[str, float] = {}
         self._prepared: set[str] = set()
+        self.redemptions = Redemptions(settings.redemptions.expire_minutes * 60)
         # Two batches on the wire at once: the store works on one while this process prepares the next.
         self._intake: Batcher[tuple[Intake, bool], tuple[Ingested, list[str]]] = Batcher(
             self._ingest, max_in_flight=2, keys=_intake_keys)
@@ -90,9 +95,9 @@ class Steering:
             self.clock()), suggests))
         if result.duplicate:
             return
-        self.hooks.message(event.source)
+        self.hooks.message(event.label)
         if event.reward_id:  # a channel-point redemption is a prompt suggestion by itself
-            await self._suggest(event, event.text, banned)
+            await self._suggest(event, self._redeemed_text(event), banned)
             return
         if command is None:
             return
@@ -119,6 +124,15 @@ class Steering:
             await self.ban(command.text)
             await self._reply(event, "prompt banned")
 
+    def _redeemed_text(self, event: ChatEvent) -> str:
+        """A redemption's input, less a `!prompt` viewers type out of habit (`!prompt` alone: empty)."""
+        command = parse_command(event, self.settings.commands, vote_options=self.settings.vote.options)
+        if isinstance(command, PromptCommand):
+            return command.text
+        if isinstance(command, Refusal) and command.kind == "prompt":
+            return ""
+        return event.text
+
     async def _ingest(self, batch: list[tuple[Intake, bool]]) -> list[tuple[Ingested, list[str]]]:
         with_banned = any(wants for _, wants in batch)
         results, banned = await self.store.ingest([item for item, _ in batch], with_banned)
@@ -127,8 +141,15 @@ class Steering:
     async def _refuse(self, event: ChatEvent, reason: str, message: str) -> None:
         self.hooks.rejected(reason)
         await self._reply(event, f"not accepted: {message}")
-        if event.reward_id and self.hooks.refund is not None:
-            await self.hooks.refund(event)
+        if event.reward_id:
+            await self._cancel([event], reason)
+
+    async def _cancel(self, events: list[ChatEvent], why: str) -> None:
+        """These redemptions will never air: CANCELED, which refunds the points."""
+        for event in events:
+            log.info("redemption %s of @%s refunded (%s)", event.redemption_id, event.login, why)
+            if self.hooks.refund is not None:
+                await self.hooks.refund(event)
 
     async def _announce(self, text: str) -> None:
         if self.hooks.announce is not None:
@@ -152,8 +173,10 @@ class Steering:
             return
         mode = self.mode
         if mode != "queue":  # the pool grows, not the queue: no depth to report
-            await self.store.add_suggestion(decision.text, decision.raw, event.user_id, event.login,
-                                            event.source, self.clock())
+            added = await self.store.add_suggestion(decision.text, decision.raw, event.user_id, event.login,
+                                                    event.label, self.clock())
+            if event.redemption_id:
+                self.redemptions.track(pool_place(added.id), event, self.clock())
             self.last_activity = self.clock()
             await self._reply(event, "added to the next vote" if mode == "vote" else "waiting for approval")
             return
@@ -161,7 +184,10 @@ class Steering:
         if refusal:
             await self._refuse(event, *refusal)
             return
-        entry = await self.store.enqueue(decision.text, f"@{event.login}", None, self.clock())
+        by = f"@{event.login} (channel points)" if event.redemption_id else f"@{event.login}"
+        entry = await self.store.enqueue(decision.text, by, None, self.clock())
+        if event.redemption_id:
+            self.redemptions.track(queue_place(entry.entry_id), event, self.clock())
         self._last_queued_by[event.user_id] = self.clock()
         self.hooks.prepare(entry.text)
         self.last_activity = self.clock()
@@ -215,6 +241,7 @@ class Steering:
         if head is None:
             return None
         await self.store.ack(head.entry_id)
+        await self._cancel(self.redemptions.settle_all([queue_place(head.entry_id)]), "vetoed")
         await self._report_depth()
         return head
 
@@ -223,7 +250,9 @@ class Steering:
         await self.store.ban(text)
         banned = fold(text).compact
         pool = await self.store.suggestions(limit=1000)
-        await self.store.remove_suggestions([s.id for s in pool if banned and banned in fold(s.raw).compact])
+        dropped = [s.id for s in pool if banned and banned in fold(s.raw).compact]
+        await self.store.remove_suggestions(dropped)
+        await self._cancel(self.redemptions.settle_all(map(pool_place, dropped)), "banned")
 
     async def approve(self, suggestion_id: str, by: str = "moderator") -> QueuedPrompt | None:
         """Manual mode: queue a suggestion from the pool."""
@@ -234,6 +263,7 @@ class Steering:
         await self.store.remove_suggestions([suggestion_id])
         entry = await self.store.enqueue(chosen.text, f"@{chosen.login} (approved by {by})", chosen.id,
                                          self.clock())
+        self.redemptions.moved(pool_place(chosen.id), queue_place(entry.entry_id))
         self.last_activity = self.clock()
         self.hooks.prepare(entry.text)
         await self._report_depth()
@@ -251,11 +281,12 @@ class Steering:
 
     # --- the clock -----------------------------------------------------------------------------
     async def tick(self) -> None:
-        """Open and close vote rounds; call a few times a second."""
+        """Open and close vote rounds, refund redemptions that waited too long; call a few times a second."""
+        current = await self.store.current_round()
+        await self._expire_redemptions(current)
         if self.mode != "vote":
             return  # rounds go on while paused: pause stops switching, not voting
         now = self.clock()
-        current = await self.store.current_round()
         if current is not None and not current.closed:
             if now >= current.closes_at:
                 await self._finish_round(current)
@@ -274,18 +305,30 @@ class Steering:
             command = f"{self.settings.commands.prefix}{self.settings.commands.vote[0]}"
             await self._announce(f"Vote now with {command} <n> ({cfg.round_seconds:.0f}s): {listing}")
 
+    async def _expire_redemptions(self, current: VoteRound | None) -> None:
+        in_round = {o.id for o in current.options} if current is not None and not current.closed else set()
+        expired = [(where, event) for where, event in self.redemptions.expired(self.clock(), "pool:")
+                   if where.removeprefix("pool:") not in in_round]  # an option may still win
+        if expired:
+            await self.store.remove_suggestions([where.removeprefix("pool:") for where, _ in expired])
+            await self._cancel(self.redemptions.settle_all(where for where, _ in expired), "expired")
+
     async def _finish_round(self, current: VoteRound) -> None:
         closed = await self.store.close_round(current.id)
         winner = self._winner(closed)
         if winner is None:
             # Nobody (or too few) voted: the options go back to the pool for the next round.
             for option in closed.options:
-                await self.store.add_suggestion(option.text, option.raw, option.user_id, option.login,
-                                                option.source, option.time)
+                again = await self.store.add_suggestion(option.text, option.raw, option.user_id, option.login,
+                                                        option.source, option.time)
+                self.redemptions.moved(pool_place(option.id), pool_place(again.id))
             log.info("vote round %s: no winner (%d votes)", closed.id, sum(closed.tally))
             await self._announce("No winner this round: the suggestions stay in the pool")
             return
-        await self.store.enqueue(winner.text, f"@{winner.login} (vote)", winner.id, self.clock())
+        entry = await self.store.enqueue(winner.text, f"@{winner.login} (vote)", winner.id, self.clock())
+        self.redemptions.moved(pool_place(winner.id), queue_place(entry.entry_id))
+        losers = [pool_place(o.id) for o in closed.options if o.id != winner.id]
+        await self._cancel(self.redemptions.settle_all(losers), "outvoted or vetoed")
         log.info("vote round %s won by option from @%s with %d votes", closed.id, winner.login,
                  max(closed.tally))
         await self._announce(f"Winner: \"{winner.raw}\" by @{winner.login} ({max(closed.tally)} votes)")
@@ -319,6 +362,10 @@ class Steering:
         await self.store.set_now_playing(prompt)
         self.on_air_since = self.clock()
         self.skip_requested = False
+        redeemed = self.redemptions.settle(queue_place(prompt.entry_id))
+        if redeemed is not None and self.hooks.fulfill is not None:
+            log.info("redemption %s of @%s fulfilled: on air", redeemed.redemption_id, redeemed.login)
+            await self.hooks.fulfill(redeemed)
         await self._report_depth()
 
     async def _report_depth(self) -> None:
