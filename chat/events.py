@@ -33,6 +33,7 @@ class ChatEvent:
     roles: frozenset[Role] = field(default_factory=lambda: frozenset({Role.VIEWER}))
     reward_id: str | None = None  # channel-point reward, when this is a redemption
     redemption_id: str | None = None
+    mentions: tuple[str, ...] = ()  # logins of the chat users the text @-mentions (as Twitch marked them)
 
     @property
     def is_moderator(self) -> bool:

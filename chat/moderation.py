@@ -38,7 +38,7 @@ __all__ = [
 
 REJECT_REASONS: tuple[str, ...] = (
     "user_denied", "flood", "too_long", "empty", "too_short", "blocked", "banned", "automod",
-    "duplicate", "rate_limited",
+    "duplicate", "rate_limited", "mention",
 )
 REASONS: frozenset[str] = frozenset(("accepted", *REJECT_REASONS))
 
@@ -95,6 +95,14 @@ def _strip_invisible(text: str) -> str:
             marks = 0
         out.append(ch)
     return "".join(out)
+
+
+def _mention_pattern(logins: Iterable[str]) -> re.Pattern[str] | None:
+    """`@login` for any of `logins` (as a whole name, any case), or None without logins."""
+    names = sorted({login.casefold().lstrip("@") for login in logins if login}, key=len, reverse=True)
+    if not names:
+        return None
+    return re.compile(r"@(?:" + "|".join(map(re.escape, names)) + r")(?![\w])", re.IGNORECASE)
 
 
 def clean_text(text: str) -> str:
@@ -378,6 +386,11 @@ class Moderator:
         if len(text) > RAW_LENGTH_FACTOR * settings.max_chars:  # before any work on it
             return self._too_long()
         cleaned = clean_text(text)
+        named = _mention_pattern(event.mentions)  # on the cleaned text: "＠bob", "@b\u200bob" are @bob too
+        if named is not None and named.search(cleaned):
+            if settings.mentions == "refuse":
+                return Decision(False, "mention", raw=cleaned, message="prompts may not name people in chat")
+            cleaned = clean_text(named.sub(" ", cleaned))
         if not any(unicodedata.category(ch)[0] in "LNPS" for ch in cleaned):
             return Decision(False, "empty", raw=cleaned, message="nothing to show: the prompt is empty")
         if len(cleaned) < settings.min_chars:

@@ -136,6 +136,9 @@ class ModerationSettings(_Strict):
     allow_roles: list[Literal["broadcaster", "moderator", "vip", "subscriber", "viewer"]] = Field(
         default_factory=lambda: ["broadcaster", "moderator", "vip", "subscriber", "viewer"])
     automod: bool = Field(False, description="ask Twitch AutoMod too (Twitch sources only)")
+    mentions: Literal["refuse", "strip"] = Field(
+        "refuse", description="a prompt that @-mentions a chat user: refuse it with a reason, or strip the "
+                              "mention and go on (docs/chat.md)")
     template: str = Field("{prompt}", description="wraps viewer text, e.g. '{prompt}, {style}'")
     style: str = Field("", max_length=300, description="the channel's style anchor for the template")
 

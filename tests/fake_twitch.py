@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -38,6 +39,9 @@ CLIENT_SECRET = "fake-client-secret-DO-NOT-LOG"
 BOT_TOKEN = "bot-token-DO-NOT-LOG"
 BOT_REFRESH = "bot-refresh-DO-NOT-LOG"
 BROADCASTER_TOKEN = "broadcaster-token-DO-NOT-LOG"
+CHEER_PREFIXES = ("cheer", "biblethump", "cheerwhal", "corgo", "party")
+_FRAGMENT = re.compile(r"(?<!\S)(?:(?P<prefix>" + "|".join(CHEER_PREFIXES) + r")(?P<bits>[1-9][0-9]{0,5})"
+                       r"(?!\S)|@(?P<login>[A-Za-z0-9_]{1,25})\b)", re.IGNORECASE)
 ALL_SCOPES = ("user:read:chat", "user:write:chat", "channel:manage:redemptions", "moderation:read")
 
 
@@ -238,6 +242,8 @@ class FakeTwitch:
         chatter = self.add_user(login)
         channel = self.users[self.channel]
         message_id = message_id or str(uuid.uuid4())
+        fragments = self.fragments(text)
+        bits = sum(f["cheermote"]["bits"] for f in fragments if f["type"] == "cheermote")
         source = self.add_user(source_broadcaster) if source_broadcaster else None
         event = {
             "broadcaster_user_id": channel["id"],
@@ -252,16 +258,12 @@ class FakeTwitch:
             "message_id": message_id,
             "source_message_id": message_id if source else None,
             "is_source_only": False if source else None,
-            "message": {
-                "text": text,
-                "fragments": [
-                    {"type": "text", "text": text, "cheermote": None, "emote": None, "mention": None}],
-            },
+            "message": {"text": text, "fragments": fragments},
             "color": "#1E90FF",
             "badges": [_badge(b) for b in badges],
             "source_badges": [] if source else None,
             "message_type": "channel_points_highlighted" if reward_id else "text",
-            "cheer": None,
+            "cheer": {"bits": bits} if bits else None,
             "reply": self._reply_data(reply_to),
             "channel_points_custom_reward_id": reward_id,
             "channel_points_animation_id": None,
@@ -269,6 +271,37 @@ class FakeTwitch:
         await self._notify("channel.chat.message", event, event_id=message_id,
                            match=lambda cond: cond.get("broadcaster_user_id") == channel["id"], via=via)
         return message_id
+
+    def fragments(self, text: str) -> list[dict[str, Any]]:
+        """`text` cut into fragments as Twitch does: cheermotes (`Cheer100`: a known prefix and bits, as a
+        word of its own), mentions (`@login` of a user Twitch knows), and text in between."""
+        out: list[dict[str, Any]] = []
+
+        def plain(piece: str) -> None:
+            if not piece:
+                return
+            if out and out[-1]["type"] == "text":
+                out[-1]["text"] += piece
+            else:
+                out.append({"type": "text", "text": piece, "cheermote": None, "emote": None, "mention": None})
+
+        at = 0
+        for match in _FRAGMENT.finditer(text):
+            word, prefix, bits, login = match.group(0, "prefix", "bits", "login")
+            if login is not None and login.lower() not in self.users:
+                continue  # not a user: plain text
+            plain(text[at:match.start()])
+            if prefix is not None:
+                out.append({"type": "cheermote", "text": word, "emote": None, "mention": None,
+                            "cheermote": {"prefix": prefix.lower(), "bits": int(bits), "tier": 1}})
+            else:
+                user = self.users[login.lower()]
+                out.append({"type": "mention", "text": word, "cheermote": None, "emote": None,
+                            "mention": {"user_id": user["id"], "user_login": user["login"],
+                                        "user_name": user["display_name"]}})
+            at = match.end()
+        plain(text[at:])
+        return out or [{"type": "text", "text": "", "cheermote": None, "emote": None, "mention": None}]
 
     def _reply_data(self, parent_id: str | None) -> dict[str, str] | None:
         note = self.notifications.get(parent_id or "")

@@ -191,6 +191,59 @@ async def test_text_is_passed_through_verbatim(fake: FakeTwitch) -> None:
     assert chat.texts == texts
 
 
+async def test_cheermotes_are_left_out_so_a_cheer_can_carry_a_command(fake: FakeTwitch) -> None:
+    source = make_source(fake)
+    async with connected(fake, source) as chat:
+        await fake.send_chat("alice", "Cheer100 !prompt a dragon over the sea")
+        await fake.send_chat("bob", "a phoenix rising Cheer50")
+        await fake.send_chat("carol", "biblethump1 Corgo25 party5")  # nothing but cheermotes
+        await fake.send_chat("dave", "cheering for Cheer100x and Cheer 100")  # not cheermotes: words
+        events = await chat.wait_count(4)
+    # the rest is kept as it was, spaces included (commands and moderation trim them)
+    assert [e.text for e in events] == [" !prompt a dragon over the sea", "a phoenix rising ", "  ",
+                                        "cheering for Cheer100x and Cheer 100"]
+
+
+async def test_mentions_come_from_twitchs_fragments(fake: FakeTwitch) -> None:
+    fake.add_user("bob")
+    source = make_source(fake)
+    async with connected(fake, source) as chat:
+        await fake.send_chat("alice", "!prompt @Bob as a knight, @nobody_here stays text")
+        await fake.send_chat("alice", "mail me at a@b.example")
+        events = await chat.wait_count(2)
+    assert events[0].mentions == ("bob",)
+    assert events[0].text == "!prompt @Bob as a knight, @nobody_here stays text"
+    assert events[1].mentions == ()
+
+
+async def test_a_cheer_with_a_prompt_becomes_a_suggestion_without_the_cheermote(fake: FakeTwitch) -> None:
+    from chat.memory_store import MemoryStore
+    from chat.settings import ChatSettings
+    from chat.steering import Steering
+
+    source = make_source(fake)
+    steering = Steering(ChatSettings(mode="vote"), MemoryStore())
+    async with running_into(source, steering):
+        await fake.wait_subscribed()
+        await fake.send_chat("alice", "Cheer100 !prompt a dragon Cheer100 over the sea")
+        await fake.send_chat("bob", "!prompt @alice as a pirate")  # the default policy: refused
+        await fake.wait_for(lambda: source.status()["messages"] == 2, what="both handled")
+        await asyncio.sleep(0.1)
+        pool = await steering.store.suggestions()
+    assert [s.raw for s in pool] == ["a dragon over the sea"]
+
+
+@contextlib.asynccontextmanager
+async def running_into(source: TwitchSource, steering: Any) -> AsyncIterator[None]:
+    task = asyncio.create_task(source.run(steering.handle))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 # ----------------------------------------------------------------------------------------------- connection
 
 
@@ -219,6 +272,7 @@ async def test_session_reconnect_loses_no_message(fake: FakeTwitch) -> None:
         assert "reconnect=" in new.path and new.subscriptions
         status = source.status()
         assert status["session_reconnects"] == 1 and status["reconnects"] == 0 and status["connected"]
+        assert status["last_handover_ms"] < 500  # the old hand-over held the new socket for up to 3 s
         # later messages keep arriving on the new session
         await fake.send_chat("alice", "much later")
         await chat.wait_count(len(sent) + 1)

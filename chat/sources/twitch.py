@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import json
 import logging
 import random
 import re
@@ -187,6 +189,28 @@ def backoff_delay(attempt: int, base: float, maximum: float) -> float:
     return step / 2 + random.uniform(0, step / 2)
 
 
+def text_from_fragments(message: Any) -> tuple[str, tuple[str, ...]]:
+    """The text to steer with, and the logins it mentions, from a chat message's fragments.
+
+    Cheermotes (`Cheer100`) are left out, so a cheer can carry a command ("Cheer100 !prompt a dragon")
+    and never ends up in a prompt ("a phoenix Cheer50"). Mentions are those Twitch marked (real users).
+    Without fragments the plain text is used.
+    """
+    fragments = getattr(message, "fragments", None) or ()
+    if not fragments:
+        return message.text or "", ()
+    parts: list[str] = []
+    mentions: list[str] = []
+    for fragment in fragments:
+        kind, text = getattr(fragment, "type", "text"), getattr(fragment, "text", None) or ""
+        if kind == "cheermote":
+            continue
+        if kind == "mention" and fragment.mention is not None and fragment.mention.name:
+            mentions.append(fragment.mention.name.casefold())
+        parts.append(text)
+    return "".join(parts), tuple(dict.fromkeys(mentions))
+
+
 def roles_from_badges(badges: Iterable[Any], *, is_broadcaster: bool = False) -> frozenset[Role]:
     """Chat roles from Twitch badges (objects with `set_id`), in this channel."""
     sets = {getattr(b, "set_id", None) or (b.get("set_id") if isinstance(b, dict) else None) for b in badges}
@@ -257,15 +281,23 @@ class _EventSubSocket(Websocket):
     """twitchio's EventSub socket with a `session_reconnect` hand-over that neither stalls nor drops.
 
     twitchio closes the old socket as soon as the new one is welcomed, losing whatever Twitch had already
-    sent on it. Here the old socket stays open and goes on being read by its own loop, every frame type
-    handled as usual (a notification, a revocation), until Twitch closes it (or `retire_after` seconds
-    pass); the new socket is used from its welcome on, without waiting for the old one.
+    sent on it. Here, once the new socket is welcomed, the frames already waiting on the old one are
+    handled first (every type: notifications, a revocation), until it has been quiet for `handover_quiet`
+    seconds (milliseconds, not the old 3 s); then the new socket's notifications flow. The old socket stays
+    open and is read by its own loop until Twitch closes it (or `retire_after` seconds pass), so a frame
+    still in flight on it is handled too, only not in order.
     """
 
-    def __init__(self, source: TwitchSource, **kwargs: Any) -> None:
+    def __init__(self, source: TwitchSource, *, hold: asyncio.Event | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._source = source
+        self._hold = hold  # set: this socket's notifications may go out (the old socket's went first)
         self._successor: _EventSubSocket | None = None  # set once Twitch moved the session elsewhere
+
+    async def _process_notification(self, data: Any) -> None:
+        if self._hold is not None and not self._hold.is_set():
+            await self._hold.wait()
+        await super()._process_notification(data)
 
     async def _process_revocation(self, data: Any) -> None:
         # Before twitchio forgets the subscription (and closes a socket left with none): the source must
@@ -280,23 +312,65 @@ class _EventSubSocket(Websocket):
             log.warning("twitch: a second session_reconnect on a socket already moved: ignored")
             return
         started = time.monotonic()
-        new = _EventSubSocket(source, keep_alive_timeout=self.keep_alive_timeout, reconnect_attempts=None,
-                              client=self._client, token_for=self._token_for, http=self._http)
+        hold = asyncio.Event()
+        new = _EventSubSocket(source, hold=hold, keep_alive_timeout=self.keep_alive_timeout,
+                              reconnect_attempts=None, client=self._client, token_for=self._token_for,
+                              http=self._http)
         new._subscriptions = self._subscriptions  # Twitch moves the subscriptions with the session
         try:
-            await new.connect(url=url, fail_once=True)
-        except Exception as exc:
-            log.warning("twitch: session_reconnect failed (%s); reconnecting from scratch",
-                        source._describe(exc))
-            await self.close()
+            try:
+                await new.connect(url=url, fail_once=True)
+            except Exception as exc:
+                log.warning("twitch: session_reconnect failed (%s); reconnecting from scratch",
+                            source._describe(exc))
+                await self.close()
+                return
+            self._successor = new
+            source._adopt(new)
+            source._retired.add(self)
+            source._session_reconnects += 1
+            source._spawn(self._retire_after(source._retire_after))
+            welcomed = time.monotonic()
+            handled = await self._handle_waiting_frames(source._handover_quiet)
+        finally:
+            hold.set()
+        source._handover_s = time.monotonic() - welcomed
+        log.info("twitch: session_reconnect handled (new session %s, welcomed after %.0f ms, %d frames of "
+                 "the old socket first, %.0f ms)", new.session_id, (welcomed - started) * 1000, handled,
+                 source._handover_s * 1000)
+
+    async def _handle_waiting_frames(self, quiet: float) -> int:
+        """Handle what waits on this (old) socket until it is quiet for `quiet` s; how many frames."""
+        socket, handled = self._socket, 0
+        while socket is not None and not socket.closed:
+            try:
+                message = await socket.receive(timeout=quiet)
+            except TimeoutError:  # quiet: Twitch sends on the new socket now
+                break
+            if message.type is not aiohttp.WSMsgType.TEXT:
+                break  # closing: the listen loop sees the socket closed and lets it go
+            handled += 1
+            await self._handle_frame(message.data)
+        return handled
+
+    async def _handle_frame(self, raw: str) -> None:
+        """One frame read outside twitchio's listen loop, handled as that loop would."""
+        try:
+            data = json.loads(raw)
+            kind = data["metadata"]["message_type"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("twitch: unreadable EventSub frame during a hand-over")
             return
-        self._successor = new
-        source._adopt(new)
-        source._retired.add(self)
-        source._session_reconnects += 1
-        source._spawn(self._retire_after(source._retire_after))
-        log.info("twitch: session_reconnect handled in %.0f ms (new session %s)",
-                 (time.monotonic() - started) * 1000, new.session_id)
+        self._last_keepalive = datetime.datetime.now()
+        try:
+            if kind == "notification":
+                await self._process_notification(data)
+            elif kind == "revocation":
+                await self._process_revocation(data)
+            elif kind != "session_keepalive":
+                log.warning("twitch: %s on a socket being replaced: ignored", kind)
+        except Exception as exc:
+            log.warning("twitch: EventSub %s not handled: %s", kind, self._source._describe(exc))
 
     async def _retire_after(self, seconds: float) -> None:
         """Twitch closes a moved socket by itself; this is for a server that never does."""
@@ -328,6 +402,7 @@ class TwitchSource:
         reply_window: float = 30.0,
         keepalive_timeout: int = 10,
         retire_after: float = 30.0,
+        handover_quiet: float = 0.01,
         check_interval: float = 1.0,
         http_timeout: float = 10.0,
         dedupe_size: int = 4096,
@@ -347,6 +422,8 @@ class TwitchSource:
         self._stable_after = stable_after
         self._keepalive_timeout = max(10, min(600, int(keepalive_timeout)))
         self._retire_after = retire_after  # a moved socket still open after this is closed by us
+        self._handover_quiet = handover_quiet
+        self._handover_s: float | None = None  # how long the last session_reconnect held new notifications
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retired: set[_EventSubSocket] = set()  # moved by session_reconnect, not closed by Twitch yet
         self._check_interval = check_interval
@@ -475,6 +552,7 @@ class TwitchSource:
             and all(self._healthy(t) for t in self._groups),
             "reconnects": self._reconnects,
             "session_reconnects": self._session_reconnects,
+            "last_handover_ms": None if self._handover_s is None else round(self._handover_s * 1000, 1),
             "last_error": self._last_error,
             "messages": self._messages,
             "redemptions": self._redemptions,
@@ -845,15 +923,17 @@ class TwitchSource:
             if self._reward_id is not None and message.channel_points_id == self._reward_id:
                 return  # the redemption event carries it, with the ids a refund needs
             chatter = message.chatter
+            text, mentions = text_from_fragments(message)
             self._enqueue(ChatEvent(
                 source=self.name,
                 message_id=message.id,
                 user_id=chatter.id,
                 login=chatter.name or "",
                 display_name=chatter.display_name or chatter.name or "",
-                text=message.text,
+                text=text,
                 time=time.time(),
                 roles=roles_from_badges(message.badges, is_broadcaster=chatter.id == self._broadcaster_id),
+                mentions=mentions,
             ))
         except Exception as exc:
             log.warning("twitch: unusable chat message: %s", self._describe(exc))
