@@ -30,7 +30,10 @@ class TwitchSourceSettings(_Strict):
     user_token: str = Field(min_length=1, description="bot/broadcaster user token with user:read:chat")
     refresh_token: str = Field("", description="lets the token be refreshed when it expires")
     broadcaster_token: str = Field("", description="broadcaster token for channel-point rewards")
-    replies: bool = Field(True, description="answer in chat (accepted, rejected with reason, results)")
+    replies: bool = Field(True, description="answer in chat (which answers: chat.replies)")
+    reply_limit: Literal["auto", 20, 100] = Field(
+        "auto", description="chat messages per 30 s: Twitch allows 100 to a moderator or the broadcaster, "
+                            "20 otherwise; auto: from the bot's role in the channel")
     reward_title: str = Field("", max_length=45, description="create this channel-point reward for prompts")
     reward_cost: int = Field(500, ge=1)
     shared_chat: Literal["own", "all"] = Field(
@@ -164,6 +167,18 @@ class ModerationSettings(_Strict):
         return patterns
 
 
+ReplyKind = Literal["accepted", "refused", "moderator", "rounds"]
+
+
+class ReplySettings(_Strict):
+    """Which chat answers steering gives (each source's `replies: false` silences it altogether)."""
+
+    accepted: bool = Field(True, description="'added to the next vote', 'queued (#3)'")
+    refused: bool = Field(True, description="'not accepted: <why>' (a refunded redemption says why too)")
+    moderator: bool = Field(True, description="confirmations of moderator commands ('steering paused', ...)")
+    rounds: bool = Field(True, description="a vote round opens (with its options), its result")
+
+
 class RedemptionSettings(_Strict):
     """Channel-point redemptions: fulfilled when their prompt airs, refunded when it never will."""
 
@@ -181,6 +196,7 @@ class ChatSettings(_Strict):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     moderation: ModerationSettings = Field(default_factory=ModerationSettings)
     redemptions: RedemptionSettings = Field(default_factory=RedemptionSettings)
+    replies: ReplySettings = Field(default_factory=ReplySettings)
     fallback: Literal["keep"] = Field(
         "keep", description="when nothing is chosen: keep the current prompt (the scheduler adds more)")
 

@@ -20,7 +20,7 @@ from chat.moderation import Moderator, fold
 from chat.redemptions import Redemptions
 from chat.redemptions import pool as pool_place
 from chat.redemptions import queue as queue_place
-from chat.settings import ChatSettings
+from chat.settings import ChatSettings, ReplyKind
 from chat.store import SteeringStore
 
 log = logging.getLogger(__name__)
@@ -111,18 +111,18 @@ class Steering:
             await self._voted(event, result.vote)
         elif kind == "skip":
             self.skip_requested = True
-            await self._reply(event, "skipping to the next prompt")
+            await self._reply(event, "skipping to the next prompt", "moderator")
         elif kind == "veto":
             await self._veto(event, command.option)
         elif kind == "pause":
             self.paused = True
-            await self._reply(event, "steering paused")
+            await self._reply(event, "steering paused", "moderator")
         elif kind == "resume":
             self.paused = False
-            await self._reply(event, "steering resumed")
+            await self._reply(event, "steering resumed", "moderator")
         elif kind == "banprompt":
             await self.ban(command.text)
-            await self._reply(event, "prompt banned")
+            await self._reply(event, "prompt banned", "moderator")
 
     def _redeemed_text(self, event: ChatEvent) -> str:
         """A redemption's input, less a `!prompt` viewers type out of habit (`!prompt` alone: empty)."""
@@ -140,7 +140,7 @@ class Steering:
 
     async def _refuse(self, event: ChatEvent, reason: str, message: str) -> None:
         self.hooks.rejected(reason)
-        await self._reply(event, f"not accepted: {message}")
+        await self._reply(event, f"not accepted: {message}", "refused")
         if event.reward_id:
             await self._cancel([event], reason)
 
@@ -152,11 +152,11 @@ class Steering:
                 await self.hooks.refund(event)
 
     async def _announce(self, text: str) -> None:
-        if self.hooks.announce is not None:
+        if self.hooks.announce is not None and self.settings.replies.rounds:
             await self.hooks.announce(text)
 
-    async def _reply(self, event: ChatEvent, text: str) -> None:
-        if self.hooks.reply is not None:
+    async def _reply(self, event: ChatEvent, text: str, kind: ReplyKind) -> None:
+        if self.hooks.reply is not None and getattr(self.settings.replies, kind):
             await self.hooks.reply(event, text)
 
     async def _suggest(self, event: ChatEvent, text: str, banned: list[str]) -> None:
@@ -178,7 +178,8 @@ class Steering:
             if event.redemption_id:
                 self.redemptions.track(pool_place(added.id), event, self.clock())
             self.last_activity = self.clock()
-            await self._reply(event, "added to the next vote" if mode == "vote" else "waiting for approval")
+            await self._reply(event, "added to the next vote" if mode == "vote" else "waiting for approval",
+                              "accepted")
             return
         refusal = await self._queue_refusal(event)
         if refusal:
@@ -191,7 +192,7 @@ class Steering:
         self._last_queued_by[event.user_id] = self.clock()
         self.hooks.prepare(entry.text)
         self.last_activity = self.clock()
-        await self._reply(event, f"queued (#{await self.store.queue_depth()})")
+        await self._reply(event, f"queued (#{await self.store.queue_depth()})", "accepted")
         await self._report_depth()
 
     async def _queue_refusal(self, event: ChatEvent) -> tuple[str, str] | None:
@@ -221,10 +222,10 @@ class Steering:
 
     async def _veto(self, event: ChatEvent, option: int | None) -> None:
         if option is not None and await self.veto_option(option):
-            await self._reply(event, f"option {option} vetoed")
+            await self._reply(event, f"option {option} vetoed", "moderator")
             return
         if await self.veto_next() is not None:
-            await self._reply(event, "next prompt vetoed")
+            await self._reply(event, "next prompt vetoed", "moderator")
 
     # --- moderators and the panel --------------------------------------------------------------
     async def veto_option(self, option: int) -> bool:

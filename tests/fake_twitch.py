@@ -100,6 +100,7 @@ class FakeTwitch:
         self.redemptions: dict[str, dict[str, Any]] = {}
         self.connections: list[Connection] = []
         self.revoked: list[dict[str, Any]] = []  # subscriptions revoked by `revoke`, with their status
+        self.user_badges: dict[str, list[str]] = {}  # login -> badges their messages carry (unless given)
         self.notifications: dict[str, dict[str, Any]] = {}  # event id -> the notification as sent
         self.refuse_connections_until = 0.0
         self._pending: dict[str, _PendingReconnect] = {}
@@ -242,6 +243,7 @@ class FakeTwitch:
         chatter = self.add_user(login)
         channel = self.users[self.channel]
         message_id = message_id or str(uuid.uuid4())
+        badges = badges or self.user_badges.get(chatter["login"], ())
         fragments = self.fragments(text)
         bits = sum(f["cheermote"]["bits"] for f in fragments if f["type"] == "cheermote")
         source = self.add_user(source_broadcaster) if source_broadcaster else None

@@ -238,3 +238,28 @@ async def test_round_opening_and_result_are_announced():
     await steering.tick()
     assert said[0].startswith("Vote now with !vote") and "1) a red fox | 2) a blue whale" in said[0]
     assert said[1] == 'Winner: "a red fox" by @u0 (1 votes)'
+
+
+@pytest.mark.parametrize("off", ["accepted", "refused", "moderator", "rounds"])
+async def test_each_kind_of_reply_can_be_turned_off(off):
+    said: list[str] = []
+
+    async def reply(event, text):
+        said.append(text)
+
+    async def announce(text):
+        said.append(text)
+
+    replies = {"accepted": True, "refused": True, "moderator": True, "rounds": True, off: False}
+    steering, _ = _steering(hooks=SteeringHooks(reply=reply, announce=announce), replies=replies,
+                            vote={"min_suggestions": 2, "options": 2})
+    await steering.handle(_event("a", "!prompt a red fox"))  # accepted
+    await steering.handle(_event("b", "!prompt"))  # refused: no text
+    await steering.handle(_event("c", "!prompt a blue whale"))
+    await steering.tick()  # a round opens
+    await steering.handle(_event("mod", "!pause", roles=MOD))  # a moderator's confirmation
+    kinds = {"accepted": "added to the next vote", "refused": "not accepted: usage: !prompt <text>",
+             "moderator": "steering paused", "rounds": "Vote now"}
+    for kind, text in kinds.items():
+        present = any(line.startswith(text) for line in said)
+        assert present is (kind != off), (kind, said)

@@ -503,6 +503,54 @@ async def test_replies_go_to_helix_rate_limited(fake: FakeTwitch) -> None:
     assert status["replies_available"] == 0
 
 
+async def test_a_moderator_bot_may_send_100_replies_per_30_s(fake: FakeTwitch) -> None:
+    fake.user_badges["promptbot"] = ["moderator"]  # Twitch shows the bot's badges on its own messages
+    source = make_source(fake)
+    async with connected(fake, source):
+        await source.reply("hello chat")  # its echo shows the moderator badge
+        await fake.wait_for(lambda: source.status()["reply_limit"] == 100, what="the limit raised")
+        for i in range(150):
+            await source.reply(f"announcement {i}")
+    assert len(fake.sent_messages) == 100
+    assert source.status()["bot_role"] == "moderator"
+
+
+async def test_a_bot_that_is_the_broadcaster_may_send_100_from_the_start(fake: FakeTwitch) -> None:
+    source = make_source(fake, settings(user_token=BROADCASTER_TOKEN, refresh_token=""))
+    async with connected(fake, source):
+        for i in range(120):
+            await source.reply(f"announcement {i}")
+    assert len(fake.sent_messages) == 100
+    assert source.status()["bot_role"] == "broadcaster"
+
+
+async def test_a_fixed_reply_limit_is_kept_whatever_the_role(fake: FakeTwitch) -> None:
+    fake.user_badges["promptbot"] = ["moderator"]
+    source = make_source(fake, settings(reply_limit=20))
+    async with connected(fake, source):
+        await source.reply("hello chat")
+        await fake.wait_for(lambda: source.status()["bot_role"] == "moderator", what="the role seen")
+        for i in range(40):
+            await source.reply(f"announcement {i}")
+    assert len(fake.sent_messages) == 20
+
+
+async def test_moderator_confirmations_go_out_when_answers_to_viewers_are_over(fake: FakeTwitch) -> None:
+    source = make_source(fake)
+    async with connected(fake, source) as chat:
+        await fake.send_chat("viewer", "!vote 9")
+        await fake.send_chat("mod", "!pause", badges=["moderator"])
+        viewer, mod = await chat.wait_count(2)
+        for i in range(30):  # a busy minute of refusals
+            await source.reply(f"not accepted: {i}", reply_to=viewer)
+        await source.reply("steering paused", reply_to=mod)
+        await source.reply("Winner: a red fox")  # an announcement
+    sent = [m["message"] for m in fake.sent_messages]
+    assert sent[-2:] == ["steering paused", "Winner: a red fox"]
+    assert len(sent) == 18  # 16 answers to viewers, then the 4 kept back: 2 used
+    assert source.status()["replies_available"] == 2
+
+
 async def test_reply_tokens_come_back_after_the_window(fake: FakeTwitch) -> None:
     source = make_source(fake, reply_limit=3, reply_window=0.4)
     async with connected(fake, source):

@@ -61,6 +61,9 @@ WRITE_SCOPE = "user:write:chat"
 REWARD_SCOPE = "channel:manage:redemptions"
 AUTOMOD_SCOPE = "moderation:read"
 MAX_MESSAGE_CHARS = 500  # Send Chat Message limit
+# Send Chat Message limits per 30 s: a moderator or the broadcaster may send 100, anyone else 20.
+REPLIES_PRIVILEGED, REPLIES_NORMAL = 100, 20
+RESERVED_SHARE = 5  # 1/5 of the budget is kept for moderator confirmations and announcements
 CHAT_TYPE = "channel.chat.message"
 REDEMPTION_TYPE = "channel.channel_points_custom_reward_redemption.add"
 # Why Twitch revokes a subscription (the `status` of a revocation message), and what the operator can do.
@@ -176,8 +179,9 @@ class ReplyLimiter:
             self._spent.popleft()
         return self.limit - len(self._spent)
 
-    def try_acquire(self) -> bool:
-        if self.available() <= 0:
+    def try_acquire(self, keep: int = 0) -> bool:
+        """Spend a token if more than `keep` are left (`keep` > 0: leave those for what matters more)."""
+        if self.available() <= keep:
             return False
         self._spent.append(self._clock())
         return True
@@ -398,7 +402,7 @@ class TwitchSource:
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
         stable_after: float = 60.0,
-        reply_limit: int = 20,
+        reply_limit: int | None = None,
         reply_window: float = 30.0,
         keepalive_timeout: int = 10,
         retire_after: float = 30.0,
@@ -428,7 +432,11 @@ class TwitchSource:
         self._retired: set[_EventSubSocket] = set()  # moved by session_reconnect, not closed by Twitch yet
         self._check_interval = check_interval
         self._http_timeout = http_timeout
-        self._limiter = ReplyLimiter(reply_limit, reply_window)
+        # An explicit limit (tests) or the setting wins; "auto" starts at 20 and learns the bot's role.
+        fixed = reply_limit or (None if settings.reply_limit == "auto" else int(settings.reply_limit))
+        self._limiter = ReplyLimiter(fixed or REPLIES_NORMAL, reply_window)
+        self._limit_fixed = fixed is not None
+        self._bot_role = "unknown"  # broadcaster | moderator | viewer, as Twitch shows it
         self._recent = RecentIds(dedupe_size)
         self._queue: asyncio.Queue[ChatEvent] = asyncio.Queue(maxsize=queue_size)
         _REDACT.add(settings.client_secret, settings.user_token, settings.refresh_token,
@@ -509,7 +517,10 @@ class TwitchSource:
                       else f"the user token lacks {WRITE_SCOPE}")
             log.info("twitch: reply dropped (%s): %.80s", reason, text)
             return
-        if not self._limiter.try_acquire():
+        # Answers to viewers leave the last fifth of the budget to moderators' confirmations and
+        # announcements (reply_to None): in a busy minute the refusals go first, not those.
+        urgent = reply_to is None or reply_to.is_moderator
+        if not self._limiter.try_acquire(keep=0 if urgent else self._limiter.limit // RESERVED_SHARE):
             self._replies_dropped += 1
             log.warning("twitch: reply dropped, over %d replies per %.0f s: %.80s",
                         self._limiter.limit, self._limiter.window, text)
@@ -564,6 +575,8 @@ class TwitchSource:
             "replies_dropped": self._replies_dropped,
             "replies_failed": self._replies_failed,
             "replies_available": self._limiter.available(),
+            "reply_limit": self._limiter.limit,
+            "bot_role": self._bot_role,
             "reward_id": self._reward_id,
             "revoked": dict(self._revoked),
             "automod_checked": self._automod_checked,
@@ -737,6 +750,8 @@ class TwitchSource:
                 raise _SetupError(f"no Twitch channel named {settings.channel!r}")
             broadcaster_id = users[0].id
         self._broadcaster_id = broadcaster_id
+        if bot.user_id == broadcaster_id:
+            self._set_bot_role("broadcaster")
         assert bot.user_id is not None
         self._groups = {}
         if CHAT_TYPE not in self._revoked:
@@ -917,6 +932,8 @@ class TwitchSource:
             if foreign and self.settings.shared_chat == "own":
                 self._shared_dropped += 1
                 return
+            if message.chatter.id == self._bot_id:
+                self._learn_bot_role(message.badges)
             if message.chatter.id == self._bot_id and self._is_own_echo(message):
                 self._echoes_dropped += 1
                 return
@@ -937,6 +954,24 @@ class TwitchSource:
             ))
         except Exception as exc:
             log.warning("twitch: unusable chat message: %s", self._describe(exc))
+
+    def _learn_bot_role(self, badges: Iterable[Any]) -> None:
+        """The bot's own messages come back with its badges: they say which reply limit Twitch applies."""
+        roles = roles_from_badges(badges, is_broadcaster=self._bot_id == self._broadcaster_id)
+        role = ("broadcaster" if Role.BROADCASTER in roles else "moderator" if Role.MODERATOR in roles
+                else "viewer")
+        if role != self._bot_role:
+            self._set_bot_role(role)
+
+    def _set_bot_role(self, role: str) -> None:
+        self._bot_role = role
+        if self._limit_fixed:
+            return
+        limit = REPLIES_NORMAL if role == "viewer" else REPLIES_PRIVILEGED
+        if limit != self._limiter.limit:
+            log.info("twitch: the bot is %s in #%s: up to %d replies per 30 s", role, self.settings.channel,
+                     limit)
+            self._limiter.limit = limit
 
     def _is_own_echo(self, message: twitchio.ChatMessage) -> bool:
         """Twitch delivers the bot's own replies back as chat: they must not steer (nor loop)."""
