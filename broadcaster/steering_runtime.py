@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from broadcaster.backoff import Backoff
 from broadcaster.metrics import Metrics
+from broadcaster.source_metrics import SourceCollector
 from broadcaster.supervisor import EngineSupervisor
 from broadcaster.switches import OnAir, SwitchTracker
 from broadcaster.timeline import Aired
@@ -98,6 +99,7 @@ class SteeringRuntime:
             automod=automod,
         )
         self.steering = Steering(settings, store, hooks=hooks)
+        metrics.registry.register(SourceCollector(self.sources))  # promptcast_chat_source_*
         self._in_flight: dict[int, QueuedPrompt] = {}  # switch seq -> queued entry not yet on air
         try:  # known from the start, so the very first frame's on-air event is not missed
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()

@@ -481,6 +481,7 @@ class TwitchSource:
         self._session_reconnects = 0
         self._last_error: str | None = None
         self._messages = 0
+        self._last_event_at: float | None = None  # monotonic time of the last event emitted
         self._redemptions = 0
         self._duplicates = 0
         self._echoes_dropped = 0
@@ -555,12 +556,19 @@ class TwitchSource:
         await self._set_redemption(event, "FULFILLED")
 
     def status(self) -> dict[str, Any]:
+        """Everything an operator may ask (for /healthz and metrics); never a secret."""
+        connected = self._connected and bool(self._groups) and all(self._healthy(t) for t in self._groups)
+        last = self._last_event_at
         return {
             "source": self.name,
             "kind": "twitch",
             "channel": self.settings.channel,
-            "connected": self._connected and bool(self._groups)
-            and all(self._healthy(t) for t in self._groups),
+            "state": self._state(connected),
+            "connected": connected,
+            "sessions": sorted(s.session_id for s in self._sockets.values() if s.session_id),
+            "subscriptions": sorted(str(getattr(p.type, "value", p.type))
+                                    for payloads in self._groups.values() for p in payloads),
+            "last_message_age_s": None if last is None else round(time.monotonic() - last, 1),
             "reconnects": self._reconnects,
             "session_reconnects": self._session_reconnects,
             "last_handover_ms": None if self._handover_s is None else round(self._handover_s * 1000, 1),
@@ -583,6 +591,14 @@ class TwitchSource:
             "automod_held": self._automod_held,
             "automod_failed": self._automod_failed,
         }
+
+    def _state(self, connected: bool) -> str:
+        """One word for /healthz: connected, connecting, token_revoked, revoked (another reason), stopped."""
+        if self._revoked and not self._groups and self._client is not None:
+            return "token_revoked" if "authorization_revoked" in self._revoked.values() else "revoked"
+        if connected:
+            return "connected"
+        return "connecting" if self._running else "stopped"
 
     # ----- AutoMod -----
 
@@ -911,6 +927,7 @@ class TwitchSource:
             event = await self._queue.get()
             if event.redemption_id is None:
                 self._messages += 1
+                self._last_event_at = time.monotonic()
             else:
                 self._redemptions += 1
             try:
