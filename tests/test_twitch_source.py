@@ -145,6 +145,38 @@ async def test_chat_messages_become_events_with_roles(fake: FakeTwitch) -> None:
     assert source.status()["messages"] == 7
 
 
+async def test_events_start_in_arrival_order_and_run_side_by_side(fake: FakeTwitch) -> None:
+    started: list[str] = []
+    release = asyncio.Event()
+    in_flight = peak = 0
+
+    async def slow_emit(event: ChatEvent) -> None:  # a store round trip that takes a while
+        nonlocal in_flight, peak
+        started.append(event.text)
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await release.wait()
+        in_flight -= 1
+
+    source = make_source(fake, emit_concurrency=8)
+    task = asyncio.create_task(source.run(slow_emit))
+    try:
+        await fake.wait_subscribed()
+        await fake.wait_for(lambda: source.status()["connected"], what="connected")
+        for i in range(20):
+            await fake.send_chat("alice", f"m{i}")
+        await fake.wait_for(lambda: len(started) == 8, what="8 events in flight")
+        await asyncio.sleep(0.1)
+        assert len(started) == 8  # no more than emit_concurrency at once
+        release.set()
+        await fake.wait_for(lambda: len(started) == 20, what="all events")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert started == [f"m{i}" for i in range(20)] and peak == 8
+
+
 async def test_duplicate_deliveries_are_dropped(fake: FakeTwitch) -> None:
     source = make_source(fake)
     async with connected(fake, source) as chat:

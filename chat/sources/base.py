@@ -8,7 +8,8 @@ from typing import Any, Protocol, runtime_checkable
 from chat.events import ChatEvent
 
 Emit = Callable[[ChatEvent], Awaitable[None]]
-"""Where a source delivers its events; awaited once per event, in arrival order."""
+"""Where a source delivers its events: called once per event, in arrival order; a source may run several
+at once (the Twitch source does), so an emit must not assume the previous one has finished."""
 
 
 @runtime_checkable

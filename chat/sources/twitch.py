@@ -411,6 +411,7 @@ class TwitchSource:
         http_timeout: float = 10.0,
         dedupe_size: int = 4096,
         queue_size: int = 10_000,
+        emit_concurrency: int = 64,
         automod_timeout: float = 3.0,
         automod_cache_ttl: float = 300.0,
         automod_cache_size: int = 1024,
@@ -439,6 +440,7 @@ class TwitchSource:
         self._bot_role = "unknown"  # broadcaster | moderator | viewer, as Twitch shows it
         self._recent = RecentIds(dedupe_size)
         self._queue: asyncio.Queue[ChatEvent] = asyncio.Queue(maxsize=queue_size)
+        self._emit_concurrency = max(1, emit_concurrency)
         _REDACT.add(settings.client_secret, settings.user_token, settings.refresh_token,
                     settings.broadcaster_token)
         _REDACT.install()
@@ -923,17 +925,33 @@ class TwitchSource:
                         self._queue.qsize(), event.login)
 
     async def _pump(self, emit: Emit) -> None:
-        while True:
-            event = await self._queue.get()
-            if event.redemption_id is None:
-                self._messages += 1
-                self._last_event_at = time.monotonic()
-            else:
-                self._redemptions += 1
-            try:
-                await emit(event)
-            except Exception:
-                log.exception("twitch: emit failed for message %s", event.message_id)
+        # Events start in arrival order, up to emit_concurrency at once: the steering core batches what
+        # is in flight into one store round trip, so a busy chat is not one round trip per message.
+        slots = asyncio.Semaphore(self._emit_concurrency)
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                event = await self._queue.get()
+                if event.redemption_id is None:
+                    self._messages += 1
+                    self._last_event_at = time.monotonic()
+                else:
+                    self._redemptions += 1
+                await slots.acquire()
+                task = asyncio.create_task(self._emit_one(emit, event, slots), name=f"{self.name}-emit-one")
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+        finally:
+            for task in in_flight:
+                task.cancel()
+
+    async def _emit_one(self, emit: Emit, event: ChatEvent, slots: asyncio.Semaphore) -> None:
+        try:
+            await emit(event)
+        except Exception:
+            log.exception("twitch: emit failed for message %s", event.message_id)
+        finally:
+            slots.release()
 
     async def _on_message(self, message: twitchio.ChatMessage) -> None:
         # No await before _enqueue: events keep the order twitchio dispatched them in.
