@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from broadcaster.backoff import Backoff
 from broadcaster.metrics import Metrics
@@ -15,7 +15,7 @@ from broadcaster.switches import OnAir, SwitchTracker
 from broadcaster.timeline import Aired
 from chat.events import ChatEvent, QueuedPrompt
 from chat.settings import ChatSettings, LocalSourceSettings, StoreSettings
-from chat.sources.base import ChatSource
+from chat.sources.base import ChatSource, Delivery
 from chat.sources.local import LocalSource
 from chat.steering import Steering, SteeringHooks
 from chat.store import SteeringStore
@@ -135,11 +135,16 @@ class SteeringRuntime:
             group.create_task(self._switch_loop(), name="steering-switch")
 
     async def _run_source(self, source: ChatSource) -> None:
-        async def emit(event: ChatEvent) -> None:
+        async def one(event: ChatEvent) -> None:
+            await many((event,))
+
+        async def many(events: Sequence[ChatEvent]) -> None:
             try:
-                await self.steering.handle(event)
-            except Exception:  # one bad event (or a store hiccup) must not stop the chat
-                log.exception("chat event from %s could not be handled", event.source)
+                await self.steering.handle_many(events)
+            except Exception:  # one bad batch (or a store hiccup) must not stop the chat
+                log.exception("%d chat event(s) from %s could not be handled", len(events), source.name)
+
+        emit = Delivery(one, many)  # a busy source hands over what piled up in one call
 
         backoff = Backoff(1.0, 60.0)
         while True:

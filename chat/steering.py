@@ -8,13 +8,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from chat.batch import Batcher
-from chat.commands import PromptCommand, Refusal, VoteCommand, parse_command
+from chat.commands import (
+    BanPromptCommand,
+    Command,
+    PromptCommand,
+    Refusal,
+    VetoCommand,
+    VoteCommand,
+    parse_command,
+)
 from chat.events import ChatEvent, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
 from chat.moderation import Moderator, fold
 from chat.redemptions import Redemptions
@@ -85,17 +94,40 @@ class Steering:
     # --- chat in -------------------------------------------------------------------------------
     async def handle(self, event: ChatEvent) -> None:
         """Act on one chat event from any source; returns once what it changed is stored."""
-        command = None if event.reward_id else parse_command(
-            event, self.settings.commands, vote_options=self.settings.vote.options)
-        option = command.option if isinstance(command, VoteCommand) and self.chat_enabled else None
-        suggests = bool(event.reward_id) or isinstance(command, PromptCommand)
-        # One batched store step: EventSub delivers at least once (dedupe), a vote is counted with it.
-        result, banned = await self._intake.submit((Intake(
-            event.source, event.message_id, event.user_id, option, self.settings.vote.last_vote_counts,
-            self.clock()), suggests))
-        if result.duplicate:
-            return
-        self.hooks.message(event.label)
+        await self.handle_many((event,))
+
+    async def handle_many(self, events: Sequence[ChatEvent]) -> None:
+        """Act on chat events in arrival order: one batched store step for all of them (duplicates
+        dropped, votes counted, bans read), then what each needs besides; returns once all is stored."""
+        commands, intakes = [], []
+        last_counts, now = self.settings.vote.last_vote_counts, self.clock()
+        for event in events:
+            command = None if event.reward_id else parse_command(
+                event, self.settings.commands, vote_options=self.settings.vote.options)
+            option = command.option if isinstance(command, VoteCommand) and self.chat_enabled else None
+            suggests = bool(event.reward_id) or isinstance(command, PromptCommand)
+            commands.append(command)
+            intakes.append((Intake(event.source, event.message_id, event.user_id, option, last_counts, now),
+                            suggests))
+        # EventSub delivers at least once: the duplicate check and the vote are one store step.
+        results = await self._intake.submit_many(intakes)
+        rest = []
+        for event, command, (result, banned) in zip(events, commands, results, strict=True):
+            if result.duplicate:
+                continue
+            self.hooks.message(event.label)
+            outcome = result.vote
+            if outcome is not None and outcome.accepted:  # the common case, with nothing to await
+                self.last_activity = self.clock()
+                self.hooks.vote()
+            elif command is not None or event.reward_id:
+                rest.append(self._act(event, command, outcome, banned))
+        if rest:
+            await asyncio.gather(*rest)
+
+    async def _act(self, event: ChatEvent, command: Command | Refusal | None, outcome: VoteOutcome | None,
+                   banned: list[str]) -> None:
+        """What one stored event needs besides the store step (a counted vote needs nothing)."""
         if event.reward_id:  # a channel-point redemption is a prompt suggestion by itself
             await self._suggest(event, self._redeemed_text(event), banned)
             return
@@ -105,14 +137,14 @@ class Steering:
             await self._refuse(event, command.reason, command.message)
             return
         kind = command.kind
-        if kind == "prompt":
+        if isinstance(command, PromptCommand):
             await self._suggest(event, command.text, banned)
         elif kind == "vote":
-            await self._voted(event, result.vote)
+            await self._voted(event, outcome)
         elif kind == "skip":
             self.skip_requested = True
             await self._reply(event, "skipping to the next prompt", "moderator")
-        elif kind == "veto":
+        elif isinstance(command, VetoCommand):
             await self._veto(event, command.option)
         elif kind == "pause":
             self.paused = True
@@ -120,7 +152,7 @@ class Steering:
         elif kind == "resume":
             self.paused = False
             await self._reply(event, "steering resumed", "moderator")
-        elif kind == "banprompt":
+        elif isinstance(command, BanPromptCommand):
             await self.ban(command.text)
             await self._reply(event, "prompt banned", "moderator")
 
@@ -209,14 +241,11 @@ class Steering:
         return None
 
     async def _voted(self, event: ChatEvent, outcome: VoteOutcome | None) -> None:
+        """A vote the store did not count (a counted one is done in handle_many)."""
         if not self.chat_enabled or outcome is None:
             await self._refuse(event, "steering_off", STEERING_OFF)
-            return
-        if outcome.reason == "no_round":
+        elif outcome.reason == "no_round":
             await self._refuse(event, "no_round", "no vote is open")
-        elif outcome.accepted:
-            self.last_activity = self.clock()
-            self.hooks.vote()
         else:
             self.hooks.rejected(outcome.reason)
 

@@ -263,3 +263,24 @@ async def test_each_kind_of_reply_can_be_turned_off(off):
     for kind, text in kinds.items():
         present = any(line.startswith(text) for line in said)
         assert present is (kind != off), (kind, said)
+
+
+async def test_a_batch_of_events_is_handled_in_order_with_one_store_step():
+    voted, said = [], []
+
+    async def reply(event, text):
+        said.append((event.login, text))
+
+    steering, _ = _steering(hooks=SteeringHooks(vote=lambda: voted.append(1), reply=reply),
+                            vote={"min_suggestions": 2, "options": 2})
+    await _round_with(steering, "a red fox", "a blue whale")
+    first = _event("alice", "!vote 1")
+    batch = [first, _event("alice", "!vote 2"), first, _event("bob", "!vote 2"), _event("carol", "hello"),
+             _event("dave", "!vote 7"), _event("erin", "!prompt a green forest")]
+    await steering.handle_many(batch)
+    current = await steering.store.current_round()
+    assert current.tally == (0, 2)  # alice's last vote counts, her first one's re-delivery does not
+    assert len(voted) == 3  # alice twice (counted, then changed), bob
+    assert ("dave", "not accepted: choose an option from 1 to 2") in said
+    assert [s.raw for s in await steering.store.suggestions()] == ["a green forest"]
+    assert steering._intake.batches == 3  # the two setup prompts and the batch: one store step each

@@ -177,6 +177,42 @@ async def test_events_start_in_arrival_order_and_run_side_by_side(fake: FakeTwit
     assert started == [f"m{i}" for i in range(20)] and peak == 8
 
 
+async def test_with_an_emit_that_takes_many_what_piled_up_goes_in_one_call(fake: FakeTwitch) -> None:
+    from chat.sources.base import Delivery
+
+    calls: list[list[str]] = []
+    gate = asyncio.Event()
+
+    async def many(events) -> None:
+        calls.append([e.text for e in events])
+        await gate.wait()  # the store is slow: chat piles up meanwhile
+
+    async def one(event: ChatEvent) -> None:
+        await many([event])
+
+    source = make_source(fake)
+    task = asyncio.create_task(source.run(Delivery(one, many)))
+    try:
+        await fake.wait_subscribed()
+        await fake.wait_for(lambda: source.status()["connected"], what="connected")
+        for i in range(4):  # the first calls take what is there, up to 4 calls wait at once
+            await fake.send_chat("alice", f"early {i}")
+            await fake.wait_for(lambda n=i: len(calls) == n + 1, what=f"call {i + 1}")
+        for i in range(50):
+            await fake.send_chat("bob", f"late {i}")
+        await asyncio.sleep(0.3)  # the 50 arrive and wait in the source's queue behind the 4 calls
+        gate.set()
+        await fake.wait_for(lambda: sum(map(len, calls)) == 54, what="all delivered")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert calls[:4] == [["early 0"], ["early 1"], ["early 2"], ["early 3"]]
+    assert source.status()["messages"] == 54
+    assert [t for call in calls[4:] for t in call] == [f"late {i}" for i in range(50)]
+    assert len(calls) < 10  # the 50 went in a few calls, not one each
+
+
 async def test_duplicate_deliveries_are_dropped(fake: FakeTwitch) -> None:
     source = make_source(fake)
     async with connected(fake, source) as chat:

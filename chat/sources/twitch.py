@@ -49,6 +49,7 @@ from twitchio.web import BaseAdapter
 from chat.events import ChatEvent, Role
 from chat.settings import TwitchSourceSettings
 from chat.sources.base import Emit
+from chat.sources.pump import Pump
 from chat.sources.twitch_http import Rebase, rebased_session
 
 if TYPE_CHECKING:
@@ -499,7 +500,9 @@ class TwitchSource:
         if self._running:
             raise RuntimeError(f"{self.name}: run() is already active")
         self._running = True
-        pump = asyncio.create_task(self._pump(emit), name=f"{self.name}-emit")
+        pump = asyncio.create_task(
+            Pump(self._queue, emit, concurrency=self._emit_concurrency, counted=self._count).run(),
+            name=f"{self.name}-emit")
         try:
             await self._supervise()
         finally:
@@ -924,34 +927,12 @@ class TwitchSource:
             log.warning("twitch: %d events wait for the consumer; dropped one from @%s",
                         self._queue.qsize(), event.login)
 
-    async def _pump(self, emit: Emit) -> None:
-        # Events start in arrival order, up to emit_concurrency at once: the steering core batches what
-        # is in flight into one store round trip, so a busy chat is not one round trip per message.
-        slots = asyncio.Semaphore(self._emit_concurrency)
-        in_flight: set[asyncio.Task[None]] = set()
-        try:
-            while True:
-                event = await self._queue.get()
-                if event.redemption_id is None:
-                    self._messages += 1
-                    self._last_event_at = time.monotonic()
-                else:
-                    self._redemptions += 1
-                await slots.acquire()
-                task = asyncio.create_task(self._emit_one(emit, event, slots), name=f"{self.name}-emit-one")
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-        finally:
-            for task in in_flight:
-                task.cancel()
-
-    async def _emit_one(self, emit: Emit, event: ChatEvent, slots: asyncio.Semaphore) -> None:
-        try:
-            await emit(event)
-        except Exception:
-            log.exception("twitch: emit failed for message %s", event.message_id)
-        finally:
-            slots.release()
+    def _count(self, event: ChatEvent) -> None:
+        if event.redemption_id is None:
+            self._messages += 1
+            self._last_event_at = time.monotonic()
+        else:
+            self._redemptions += 1
 
     async def _on_message(self, message: twitchio.ChatMessage) -> None:
         # No await before _enqueue: events keep the order twitchio dispatched them in.
