@@ -131,7 +131,8 @@ _TAG_BASE = "\U000e0000"  # unassigned; chat clients append it to dodge Twitch's
 # An option number: any Unicode decimal digits (`٣`, `३`; NFKC already made `２` and `𝟐` plain).
 _NUMBER = re.compile(r"#?(\d{1,6})")
 _SPACE = re.compile(r"\s")
-_ALIASES: dict[int, tuple[CommandSettings, dict[str, str]]] = {}  # id(settings) -> (settings, aliases)
+# id(settings) -> (settings, its prefix normalised, command word -> kind)
+_WORDS: dict[int, tuple[CommandSettings, str, dict[str, str]]] = {}
 
 
 def _drop_format_chars(text: str) -> str:
@@ -142,18 +143,20 @@ def _drop_format_chars(text: str) -> str:
                    if ch != _TAG_BASE and unicodedata.category(ch) not in ("Cf", "Cc", "Cs", "Co"))
 
 
-def _aliases(settings: CommandSettings) -> dict[str, str]:
-    cached = _ALIASES.get(id(settings))
-    if cached is not None and cached[0] is settings:  # built once per settings object: every message asks
-        return cached[1]
+def _words(settings: CommandSettings) -> tuple[str, dict[str, str]]:
+    """The prefix (NFKC, casefolded) and command word -> kind; built once per settings object."""
+    cached = _WORDS.get(id(settings))
+    if cached is not None and cached[0] is settings:  # every chat message asks: no rebuilding
+        return cached[1], cached[2]
     names: dict[str, str] = {}
     for kind in COMMAND_KINDS:
         for name in getattr(settings, kind):
             names.setdefault(name.casefold(), kind)
-    if len(_ALIASES) > 64:
-        _ALIASES.clear()
-    _ALIASES[id(settings)] = (settings, names)
-    return names
+    prefix = unicodedata.normalize("NFKC", settings.prefix).casefold()
+    if len(_WORDS) > 64:
+        _WORDS.clear()
+    _WORDS[id(settings)] = (settings, prefix, names)
+    return prefix, names
 
 
 def _usage(kind: str, settings: CommandSettings, vote_options: int) -> str:
@@ -172,7 +175,9 @@ def _option(arg: str) -> int | None:
     The first word, less trailing punctuation, must be the number ("2nd", "1.5" are not); words after it
     are ignored unless the next one is a number too ("2 3" is ambiguous).
     """
-    words = unicodedata.normalize("NFKC", _drop_format_chars(arg)).split(maxsplit=2)
+    if not (arg.isascii() and arg.isprintable()):
+        arg = unicodedata.normalize("NFKC", _drop_format_chars(arg))
+    words = arg.split(maxsplit=2)
     numbers = [_NUMBER.fullmatch(_strip_punctuation(w)) for w in words[:2]]
     if not numbers or numbers[0] is None or (len(numbers) == 2 and numbers[1] is not None):
         return None
@@ -206,11 +211,14 @@ def parse_command(event: ChatEvent, settings: CommandSettings, *,
     head_end = space.start() if space else len(text)
     if head_end > _MAX_HEAD:
         return None
-    head = unicodedata.normalize("NFKC", _drop_format_chars(text[:head_end])).casefold()
-    prefix = unicodedata.normalize("NFKC", settings.prefix).casefold()
+    head = text[:head_end]
+    if not (head.isascii() and head.isprintable()):
+        head = unicodedata.normalize("NFKC", _drop_format_chars(head))
+    head = head.casefold()
+    prefix, names = _words(settings)
     if not head.startswith(prefix):
         return None
-    kind = _aliases(settings).get(head[len(prefix):])
+    kind = names.get(head[len(prefix):])
     if kind is None:
         return None
     cls = _CLASSES[kind]

@@ -62,6 +62,22 @@ class Suggestion:
     time: float
 
 
+class Draft(NamedTuple):
+    """A suggestion on its way into the pool (`SteeringStore.add_suggestions`), before it has an id."""
+
+    text: str
+    raw: str
+    user_id: str
+    login: str
+    source: str
+    time: float
+
+    def stored(self, suggestion_id: str) -> Suggestion:
+        """The suggestion it became, with the id the store gave it."""
+        return Suggestion(suggestion_id, self.text, self.raw, self.user_id, self.login, self.source,
+                          float(self.time))
+
+
 @dataclass(frozen=True)
 class VoteRound:
     """A timed vote among options drawn from the suggestion pool."""

@@ -14,7 +14,7 @@ import time as _time
 from collections import OrderedDict, deque
 from dataclasses import replace
 
-from chat.events import Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
+from chat.events import Draft, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
 
 # Shared limits (RedisStore keeps the same ones).
 MAX_POOL = 10_000  # suggestions kept in the pool; the oldest drop out beyond this
@@ -102,13 +102,17 @@ class MemoryStore:
     async def add_suggestion(self, text: str, raw: str, user_id: str, login: str, source: str,
                              time: float) -> Suggestion:
         """Add to the pool; returns it with its id."""
+        return (await self.add_suggestions([Draft(text, raw, user_id, login, source, time)]))[0]
+
+    async def add_suggestions(self, drafts: list[Draft]) -> list[Suggestion]:
+        """Add several to the pool, in order; returns them with their ids."""
         with self._lock:
-            suggestion = Suggestion(id=self._next_id(), text=text, raw=raw, user_id=user_id, login=login,
-                                    source=source, time=float(time))
-            self._pool[suggestion.id] = suggestion
+            added = [d.stored(self._next_id()) for d in drafts]
+            for suggestion in added:
+                self._pool[suggestion.id] = suggestion
             while len(self._pool) > self._max_pool:
                 self._pool.popitem(last=False)
-            return suggestion
+            return added
 
     async def suggestions(self, limit: int = 100) -> list[Suggestion]:
         """The pool, oldest first."""

@@ -25,7 +25,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from chat.events import Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
+from chat.events import Draft, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
 from chat.memory_store import HISTORY_LENGTH, MAX_POOL, RoundNotFound, RoundStillOpen, ingested
 
 __all__ = ["QUEUE_GROUP", "RedisStore", "RoundNotFound", "RoundStillOpen", "StoreUnavailable"]
@@ -333,13 +333,19 @@ class RedisStore:
     async def add_suggestion(self, text: str, raw: str, user_id: str, login: str, source: str,
                              time: float) -> Suggestion:
         """Add to the pool; returns it with its id (the stream entry id)."""
-        fields = {"text": text, "raw": raw, "user_id": user_id, "login": login, "source": source,
-                  "time": _num(time)}
-        async with self._call("add_suggestion"):
-            entry_id = await self._redis.xadd(self._k_suggestions, fields, maxlen=self._max_pool,
-                                              approximate=True)
-        return Suggestion(id=entry_id, text=text, raw=raw, user_id=user_id, login=login, source=source,
-                          time=float(time))
+        return (await self.add_suggestions([Draft(text, raw, user_id, login, source, time)]))[0]
+
+    async def add_suggestions(self, drafts: list[Draft]) -> list[Suggestion]:
+        """Add several to the pool in one pipelined round trip (XADDs, in order); returns them with ids."""
+        if not drafts:
+            return []
+        async with self._call("add_suggestions"), self._redis.pipeline(transaction=False) as pipe:
+            for d in drafts:
+                pipe.xadd(self._k_suggestions, {"text": d.text, "raw": d.raw, "user_id": d.user_id,
+                                                "login": d.login, "source": d.source, "time": _num(d.time)},
+                          maxlen=self._max_pool, approximate=True)
+            ids = await pipe.execute()
+        return [d.stored(entry_id) for entry_id, d in zip(ids, drafts, strict=True)]
 
     async def suggestions(self, limit: int = 100) -> list[Suggestion]:
         """The pool, oldest first."""

@@ -24,7 +24,7 @@ from chat.commands import (
     VoteCommand,
     parse_command,
 )
-from chat.events import ChatEvent, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
+from chat.events import ChatEvent, Draft, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
 from chat.moderation import Moderator, fold
 from chat.redemptions import Redemptions
 from chat.redemptions import pool as pool_place
@@ -81,6 +81,8 @@ class Steering:
         # Two batches on the wire at once: the store works on one while this process prepares the next.
         self._intake: Batcher[tuple[Intake, bool], tuple[Ingested, list[str]]] = Batcher(
             self._ingest, max_in_flight=2, keys=_intake_keys)
+        # Suggestions that pass moderation together go into the pool in one XADD pipeline.
+        self._pool_writes: Batcher[Draft, Suggestion] = Batcher(self.store.add_suggestions)
 
     def set_policy(self, chat_enabled: bool, mode: str) -> None:
         """Whether chat may steer, and in which mode (the schedule sets it per window)."""
@@ -205,8 +207,8 @@ class Steering:
             return
         mode = self.mode
         if mode != "queue":  # the pool grows, not the queue: no depth to report
-            added = await self.store.add_suggestion(decision.text, decision.raw, event.user_id, event.login,
-                                                    event.label, self.clock())
+            added = await self._pool_writes.submit(
+                Draft(decision.text, decision.raw, event.user_id, event.login, event.label, self.clock()))
             if event.redemption_id:
                 self.redemptions.track(pool_place(added.id), event, self.clock())
             self.last_activity = self.clock()
@@ -348,10 +350,10 @@ class Steering:
         winner = self._winner(closed)
         if winner is None:
             # Nobody (or too few) voted: the options go back to the pool for the next round.
-            for option in closed.options:
-                again = await self.store.add_suggestion(option.text, option.raw, option.user_id, option.login,
-                                                        option.source, option.time)
-                self.redemptions.moved(pool_place(option.id), pool_place(again.id))
+            again = await self.store.add_suggestions([
+                Draft(o.text, o.raw, o.user_id, o.login, o.source, o.time) for o in closed.options])
+            for option, back in zip(closed.options, again, strict=True):
+                self.redemptions.moved(pool_place(option.id), pool_place(back.id))
             log.info("vote round %s: no winner (%d votes)", closed.id, sum(closed.tally))
             await self._announce("No winner this round: the suggestions stay in the pool")
             return

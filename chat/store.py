@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from chat.events import Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
+from chat.events import Draft, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
 
 
 class SteeringStore(Protocol):
@@ -18,6 +18,9 @@ class SteeringStore(Protocol):
     async def add_suggestion(self, text: str, raw: str, user_id: str, login: str, source: str,
                              time: float) -> Suggestion:
         """Add to the pool; returns it with its id."""
+
+    async def add_suggestions(self, drafts: list[Draft]) -> list[Suggestion]:
+        """Add several to the pool in one round trip, in order; returns them with their ids."""
 
     async def suggestions(self, limit: int = 100) -> list[Suggestion]:
         """The pool, oldest first."""

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chat.events import Intake, QueuedPrompt
+from chat.events import Draft, Intake, QueuedPrompt
 from chat.memory_store import MemoryStore, RoundNotFound, RoundStillOpen
 from chat.redis_store import RedisStore, StoreUnavailable
 from chat.store import SteeringStore
@@ -113,6 +113,16 @@ async def test_suggestions_add_list_remove(store: SteeringStore) -> None:
     await store.remove_suggestions([])
     await store.remove_suggestions([a.id, c.id])
     assert await store.suggestions() == []
+
+
+async def test_add_suggestions_adds_a_batch_in_order(store: SteeringStore) -> None:
+    first = await store.add_suggestion("one", "one", "u1", "alice", "twitch", 1.0)
+    drafts = [Draft(f"p {i}", f"raw {i}", f"u{i}", f"login{i}", "channel_points", 10.0 + i) for i in range(5)]
+    added = await store.add_suggestions(drafts)
+    assert [(s.text, s.raw, s.user_id, s.login, s.source, s.time) for s in added] == list(map(tuple, drafts))
+    assert len({s.id for s in added} | {first.id}) == 6
+    assert await store.suggestions() == [first, *added]
+    assert await store.add_suggestions([]) == []
 
 
 async def test_round_open_takes_options_out_of_the_pool(store: SteeringStore) -> None:
