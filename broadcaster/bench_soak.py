@@ -11,6 +11,7 @@ beyond the expected one, frames out = wall clock x fps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import logging
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from broadcaster.bench import machine
+from broadcaster.bench_faults import FaultInjector, fault_table
 from broadcaster.service import Service
 from broadcaster.settings import Settings, load_settings
 
@@ -131,7 +133,7 @@ def soak_settings(base: Settings | None, work: Path, rtmp: str | None, planned_r
 
 
 async def _soak(service: Service, minutes: float, sample_s: float, switch_s: float,
-                samples: list[Sample], csv_path: Path) -> None:
+                samples: list[Sample], csv_path: Path, injector: FaultInjector | None = None) -> None:
     runner = asyncio.create_task(service.run())
     # Measure from the engine's first frames on; the slate before them is start-up, not the soak.
     while service.supervisor is None or service.supervisor.state != "running":
@@ -149,6 +151,7 @@ async def _soak(service: Service, minutes: float, sample_s: float, switch_s: flo
     out = csv_path.open("w", newline="")
     writer = csv.writer(out)
     writer.writerow([f.name for f in fields(Sample)] + ["rss_total_mb"])
+    faults = asyncio.create_task(injector.run(), name="faults") if injector else None
     while time.monotonic() < end and not runner.done():
         await asyncio.sleep(min(sample_s, max(0.0, end - time.monotonic())))
         now = time.monotonic()
@@ -181,25 +184,38 @@ async def _soak(service: Service, minutes: float, sample_s: float, switch_s: flo
         writer.writerow([getattr(samples[-1], f.name) for f in fields(Sample)] + [samples[-1].rss_total_mb])
         out.flush()
     out.close()
+    if faults is not None:
+        faults.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await faults
     service.request_stop()
     await runner
 
 
 def bench_soak(minutes: float, config: str | None = None, rtmp: str | None = None,
                planned_reconnect_s: float | None = None, sample_s: float = 10.0, switch_s: float = 30.0,
-               out_dir: str | None = None) -> str:
-    """Run a channel for `minutes` and report stalls, frame accounting, memory trend and reconnects."""
+               out_dir: str | None = None, faults: bool = False, fault_every_s: float | None = None) -> str:
+    """Run a channel for `minutes` and report stalls, frame accounting, memory trend and reconnects.
+
+    `faults`: inject faults in turn (`broadcaster/bench_faults.py`) and add their table; chat runs in
+    manual mode then, so every accepted line stays in the pool to be found afterwards.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="promptcast-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     base = load_settings(config) if config else None
     settings = soak_settings(base, work, rtmp, planned_reconnect_s)
+    if faults:
+        settings = settings.model_copy(update={"chat": settings.chat.model_copy(update={"mode": "manual"})})
     service = Service(settings)
+    every_s = fault_every_s or max(15.0, minutes * 60 / 10)  # about ten faults a run, at most one per 15 s
+    injector = FaultInjector(service, every_s) if faults else None
     samples: list[Sample] = []
-    asyncio.run(_soak(service, minutes, sample_s, switch_s, samples, work / "soak-samples.csv"))
+    asyncio.run(_soak(service, minutes, sample_s, switch_s, samples, work / "soak-samples.csv", injector))
     if not samples:
         return "bench soak: no samples (the run was shorter than one sample interval)"
-    return report(samples, settings, minutes, work)
+    text = report(samples, settings, minutes, work)
+    return text + ("\n\n" + fault_table(injector.rows) if injector else "")
 
 
 def report(samples: list[Sample], settings: Settings, minutes: float, work: Path) -> str:

@@ -108,7 +108,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         print(bench_soak(minutes=args.minutes, config=args.config, rtmp=args.rtmp,
                          planned_reconnect_s=args.planned_reconnect_seconds, sample_s=args.sample_seconds,
-                         switch_s=args.switch_seconds, out_dir=args.out))
+                         switch_s=args.switch_seconds, out_dir=args.out, faults=args.faults))
         return 0
     if args.what == "webrtc":
         from broadcaster.bench_webrtc import bench_webrtc
@@ -121,7 +121,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     dtype = args.dtype or ("bf16" if torch.cuda.is_available() and args.device != "cpu" else "fp32")
     print(bench_engine(size=args.size, blocks=args.blocks, steps=args.steps, dtype=dtype,
-                       compile_model=args.compile, device=args.device))
+                       compile_model=args.compile, device=args.device, width=args.width, height=args.height))
     return 0
 
 
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="soak: planned RTMP reconnect interval (exercises the 48 h-cap reconnect)")
     bench.add_argument("--sample-seconds", type=float, default=10.0, help="soak: sampling interval")
     bench.add_argument("--switch-seconds", type=float, default=30.0, help="soak: prompt switch interval")
+    bench.add_argument("--faults", action="store_true",
+                       help="soak: inject faults in turn (engine/muxer kills, fd exhaustion), measure each")
     bench.add_argument("--out", default=None, help="soak: directory for outputs and the samples CSV")
     bench.add_argument("--redis", default=None, help="chat: a Redis URL (default: the in-process store)")
     bench.add_argument("--frames", type=int, default=320, help="output: frames per configuration")
@@ -229,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine: default bf16 on CUDA, fp32 on CPU")
     bench.add_argument("--compile", action="store_true", help="engine: torch.compile the DiT")
     bench.add_argument("--device", default=None, help="engine: cuda or cpu (default: cuda if present)")
+    bench.add_argument("--width", type=int, default=None,
+                       help="engine: frame width in pixels, a multiple of 16 (default: the preset's)")
+    bench.add_argument("--height", type=int, default=None,
+                       help="engine: frame height in pixels, a multiple of 16 (default: the preset's)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -28,6 +29,8 @@ from broadcaster.metrics import Metrics
 from broadcaster.openapi import Param, Reply, Route, document
 from broadcaster.steering_runtime import SteeringRuntime
 from chat.events import Role
+from chat.moderation import clean_text
+from chat.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,9 @@ RATE_BURST = 40  # ... and in one burst
 SSE_POLL_S = 0.25  # how often the event stream reads the steering state
 SSE_HEARTBEAT_S = 15.0
 SSE_MAX_CLIENTS = 500
+SSE_MAX_PER_CLIENT = 10
+STORE_RETRY_AFTER_S = 2
+LOGIN = re.compile(r"[A-Za-z0-9_]{1,25}")  # Twitch's rule for logins; also what the panel sends
 
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
             "media-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'self'; "
@@ -68,7 +74,8 @@ ROUTES: tuple[Route, ...] = (
           reply=Reply(description="`text/event-stream`: an `event: state` (data: StateEvent JSON) at "
                                   "connect and whenever it changes; a `: heartbeat` comment every 15 s",
                       schema=None, media_type="text/event-stream"),
-          errors={503: "too many event streams open"}),
+          errors={429: "too many event streams from this address (server.events_per_client)",
+                  503: "too many event streams open"}),
     Route("GET", "/healthz", "healthz", "liveness and every part's status", auth=False, tag="read-only",
           reply=Reply(description="ok", schema="Health"), errors={503: "failing (same document)"}),
     Route("GET", "/metrics", "metrics", "Prometheus metrics", auth=False, tag="read-only", reply=_TEXT),
@@ -80,9 +87,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/prompt", "prompt", "queue a prompt and play it at the next block",
           body="PromptRequest", reply=Reply(202, "queued")),
     Route("POST", "/api/chat", "chat", "a chat line through the local source", body="ChatRequest",
-          query=(Param("login", "who says it (default: panel)"),
+          query=(Param("login", "who says it (default: panel)",
+                       {"type": "string", "pattern": "^[A-Za-z0-9_]{1,25}$"}),
                  Param("role", "viewer (default) or moderator", {"enum": ["viewer", "moderator"]})),
-          reply=Reply(202, "queued for steering"), errors={429: "too many chat messages waiting"}),
+          reply=Reply(202, "handled by steering: whatever it added is stored; `reply` says what it did")),
     Route("POST", "/api/skip", "skip", "play the next queued prompt now"),
     Route("POST", "/api/veto", "veto", "drop the next queued prompt, or veto option n of the round",
           body="VetoRequest", body_required=False,
@@ -123,7 +131,7 @@ class Operations(Protocol):
 
     def schedule_status(self) -> dict[str, Any]: ...
 
-    def reload_schedule(self) -> tuple[bool, list[str]]: ...
+    async def reload_schedule(self) -> tuple[bool, list[str]]: ...
 
     def reanchor(self) -> None: ...
 
@@ -223,21 +231,26 @@ class StateFeed:
         self.payload: str | None = None  # JSON of the newest state, without server_time
         self.changed = asyncio.Event()
         self.clients = 0
+        self.by_address: dict[str, int] = {}
         self.closed = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._failing = False
 
     @contextlib.contextmanager
-    def subscription(self) -> Iterator[None]:
-        """Count a listener for the duration; the first one starts the poller."""
+    def subscription(self, address: str = "?") -> Iterator[None]:
+        """Count a listener (per client address too) for the duration; the first one starts the poller."""
         self.clients += 1
+        self.by_address[address] = self.by_address.get(address, 0) + 1
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._poll(), name="sse-state-poll")
         try:
             yield
         finally:
             self.clients -= 1
+            left = self.by_address.pop(address) - 1
+            if left:
+                self.by_address[address] = left
 
     def nudge(self) -> None:
         """Something was just changed through the API: read again soon, not at the next tick."""
@@ -293,8 +306,10 @@ class Api:
 
     def __init__(self, *, metrics: Metrics, health: Callable[[], tuple[bool, dict[str, Any]]],
                  state: Callable[[], Awaitable[dict[str, Any]]], steering: SteeringRuntime,
-                 routes: Sequence[Route], operations: Operations | None = None):
+                 routes: Sequence[Route], operations: Operations | None = None,
+                 events_per_client: int = SSE_MAX_PER_CLIENT):
         self._ops = operations
+        self.events_per_client = events_per_client
         self._metrics = metrics
         self._health = health
         self._state = state
@@ -325,7 +340,8 @@ class Api:
     # --- read-only ----------------------------------------------------------------------------
     async def healthz(self, _: web.Request) -> web.Response:
         ok, parts = self._health()
-        return web.json_response({"status": "ok" if ok else "failing", "time": time.time(), **parts},
+        status = ("degraded" if parts.get("degraded") else "ok") if ok else "failing"
+        return web.json_response({"status": status, "time": time.time(), **parts},
                                  status=200 if ok else 503, dumps=_dumps)
 
     async def metrics(self, _: web.Request) -> web.Response:
@@ -336,13 +352,19 @@ class Api:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         feed = self.feed
+        address = request.remote or "?"
+        if feed.by_address.get(address, 0) >= self.events_per_client:
+            # One client must not fill the shared cap that the panel and every overlay depend on.
+            self._metrics.http_refused.labels("events_per_client").inc()
+            reason = f"too many event streams from this address (at most {self.events_per_client})"
+            return _json_error(429, reason, {"Retry-After": "5"})
         if feed.clients >= SSE_MAX_CLIENTS:
             return _json_error(503, "too many event streams open", {"Retry-After": "5"})
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
             "X-Accel-Buffering": "no"})
         await response.prepare(request)
-        with feed.subscription():
+        with feed.subscription(address):
             try:
                 await response.write(b"retry: 2000\n\n")
                 sent = 0
@@ -382,13 +404,16 @@ class Api:
         if isinstance(text, web.Response):
             return text
         login = request.query.get("login", "panel")
+        if not LOGIN.fullmatch(login):
+            return _json_error(400, "'login' must be 1 to 25 letters, digits or underscores")
         role = Role.MODERATOR if request.query.get("role") == "moderator" else Role.VIEWER
-        try:
-            await self._steering.local.say(login, text, roles=frozenset({role}))
-        except asyncio.QueueFull:
-            return _json_error(429, "too many chat messages waiting; slow down", {"Retry-After": "1"})
+        local = self._steering.local
+        event = local.event(login, text, roles=frozenset({role}))
+        # Handled before answering: 202 means the store holds whatever the line added (a store
+        # that cannot take it raises StoreUnavailable: 503 with Retry-After, see json_errors).
+        await self._steering.steering.handle(event)
         self.feed.nudge()
-        return web.json_response({"accepted": True}, status=202)
+        return web.json_response({"accepted": True, "reply": local.reply_to(event)}, status=202)
 
     # --- operations -------------------------------------------------------------------------------
     def _operations(self) -> Operations:
@@ -401,7 +426,7 @@ class Api:
 
     async def schedule_reload(self, _: web.Request) -> web.Response:
         ops = self._operations()
-        ok, problems = ops.reload_schedule()
+        ok, problems = await ops.reload_schedule()
         if ok:
             self.feed.nudge()
             return web.json_response({"reloaded": True, "schedule": ops.schedule_status()}, dumps=_dumps)
@@ -477,8 +502,10 @@ async def _json_body(request: web.Request, optional: bool = False) -> dict | web
         return {}
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return _json_error(400, f"body is not valid JSON ({exc})")
+    except RecursionError:
+        return _json_error(400, "body is nested too deeply")
+    except (ValueError, UnicodeDecodeError) as exc:  # ValueError: bad JSON, or an integer of 4,300+ digits
+        return _json_error(400, f"body is not valid JSON ({str(exc)[:200]})")
     if not isinstance(body, dict):
         return _json_error(400, "body must be a JSON object")
     return body
@@ -492,11 +519,16 @@ async def _string_field(request: web.Request, name: str) -> str | web.Response:
     value = body.get(name)
     if not isinstance(value, str) or not value.strip():
         return _json_error(400, f"'{name}' must be a non-empty string")
-    value = value.strip()
     if len(value) > MAX_PROMPT_CHARS:
         return _json_error(413, f"'{name}' longer than {MAX_PROMPT_CHARS} characters")
-    if any(ord(c) < 32 for c in value):
+    if any("\ud800" <= c <= "\udfff" for c in value):
+        return _json_error(400, f"'{name}' is not valid Unicode (a lone surrogate)")
+    if any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in value):
         return _json_error(400, f"'{name}' contains control characters")
+    # What chat moderation does to every line: bidi overrides, zero-width and line separators go.
+    value = clean_text(value)
+    if not value:
+        return _json_error(400, f"'{name}' is empty once invisible characters are removed")
     return value
 
 
@@ -526,14 +558,17 @@ def make_app(
     rate_per_s: float = RATE_PER_S,
     rate_burst: int = RATE_BURST,
     operations: Operations | None = None,
+    events_per_client: int = SSE_MAX_PER_CLIENT,
 ) -> web.Application:
     """Build the aiohttp application; the service passes in what each route reads or does.
 
     `rate_per_s` <= 0 turns the rate limit off.
     """
+    if not api_token.strip():
+        raise ValueError("an empty API token would let every request through")
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     api = Api(metrics=metrics, health=health, state=state, steering=steering, routes=ROUTES,
-              operations=operations)
+              operations=operations, events_per_client=events_per_client)
     app[API] = api
     origins = {o.lower() for o in cors_origins}
     limiter = RateLimiter(rate_per_s, rate_burst) if rate_per_s > 0 else None
@@ -583,6 +618,11 @@ def make_app(
                 raise
             keep = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
             return _json_error(exc.status, _error_reason(request, exc), keep)
+        except StoreUnavailable as exc:
+            # Nothing was accepted: the client may send it again once the store is back.
+            log.warning("%s %s refused, store unavailable: %s", request.method, request.path, exc)
+            return _json_error(503, "the store is unavailable; nothing was kept, try again",
+                               {"Retry-After": str(STORE_RETRY_AFTER_S)})
 
     @web.middleware
     async def require_token(request: web.Request, handler):

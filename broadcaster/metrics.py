@@ -60,6 +60,13 @@ class Metrics:
         self.queue_depth = Gauge("promptcast_queue_depth", "Prompts waiting to be played", registry=r)
         self.engine_up = Gauge("promptcast_engine_up", "1 while the engine process delivers frames",
                                registry=r)
+        self.engine_phase = Gauge(
+            "promptcast_engine_phase",
+            "1 for the engine's current phase (loading, warmup, compiling, running)",
+            ["phase"], registry=r)
+        self.engine_load_bytes = Gauge(
+            "promptcast_engine_load_bytes", "Bytes of weight files the loading engine has read so far",
+            registry=r)
         self.engine_crash_loop = Gauge(
             "promptcast_engine_crash_loop", "1 while the engine restarts in a crash loop", registry=r)
 
@@ -68,6 +75,20 @@ class Metrics:
             registry=r)
         self.chat_steering_enabled = Gauge(
             "promptcast_chat_steering_enabled", "1 while the programme lets chat steer", registry=r)
+
+        self.task_failures = Counter(
+            "promptcast_task_failures", "Failures of a part (output, source, sink, background task), "
+            "each contained and retried", ["task"], registry=r)
+        self.event_loop_lag = Gauge(
+            "promptcast_event_loop_lag_seconds", "How late the event loop's last timer fired "
+            "(a blocking call on the loop shows here)", registry=r)
+        self.event_loop_lag_max = Gauge(
+            "promptcast_event_loop_lag_max_seconds", "The largest event-loop lag since the start", registry=r)
+        self.http_connections = Gauge(
+            "promptcast_http_connections", "Open HTTP connections", registry=r)
+        self.http_refused = Counter(
+            "promptcast_http_refused", "HTTP connections or requests refused by a cap, by reason", ["reason"],
+            registry=r)
 
     def render(self) -> bytes:
         """The text exposition format."""

@@ -185,8 +185,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "Health": {
         "type": "object",
         "properties": {
-            "status": {"enum": ["ok", "failing"]},
+            "status": {"enum": ["ok", "degraded", "failing"],
+                       "description": "failing (503): no frames flow; degraded (200): see `degraded`"},
             "time": {"type": "number"},
+            "degraded": {"type": "array", "items": _STRING, "description": "why the channel is degraded"},
+            "process": {"type": "object", "description": "open_fds, fd_limit, event_loop_lag_s, ..."},
+            "chat": {"type": "object", "description": "chat sources and the store"},
             "channel": _STRING,
             "pacer": {"type": "object"},
             "engine": {"type": "object"},
@@ -198,7 +202,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 _COMMON_ERRORS = {429: "too many requests from this address; see Retry-After"}
-_AUTH_ERRORS = {401: "missing or wrong bearer token"}
+_AUTH_ERRORS = {401: "missing or wrong bearer token",
+                503: "the store is unavailable: nothing was kept; send again after Retry-After"}
 _BODY_ERRORS = {400: "malformed JSON or a missing/invalid field", 413: "body or field too large"}
 
 

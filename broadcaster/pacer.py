@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,11 +20,20 @@ from broadcaster.lower_third import LowerThird
 from broadcaster.metrics import Metrics
 from broadcaster.packets import EncodedPacket
 from broadcaster.switches import SwitchTracker
+from broadcaster.tasks import FailureLog
 from engine.ring import FrameRing
 
 log = logging.getLogger(__name__)
 
 RESYNC_AFTER_S = 1.0  # further behind than this, the clock jumps instead of bursting
+
+
+def sink_name(sink: Callable[..., Any]) -> str:
+    """A sink's label in logs and `promptcast_task_failures_total`: `sink-<output>` or its function."""
+    owner = getattr(sink, "__self__", None)
+    label = (getattr(owner, "name", None) if owner is not None else None) or getattr(
+        sink, "__qualname__" if owner is not None else "__name__", None) or type(sink).__name__
+    return f"sink-{label}"
 
 
 def render_slate(width: int, height: int, text: str) -> np.ndarray:
@@ -67,12 +77,30 @@ class Pacer:
         self.repeated = 0
         self.resyncs = 0
         self.max_gap_s = 0.0  # longest time between two output frames (reset by whoever reads it)
+        self.gap_windows: dict[str, float] = {}  # the same, one per reader that resets its own (bench)
         self.late_frames = 0  # output frames that came more than 1.5 intervals after the previous one
         self.last_tick = time.monotonic()
         self._consumed = 0
         self._seq = 0
         self._stop = threading.Event()
         self._finish_gop = threading.Event()
+        self.failures = FailureLog(metrics)
+        self._failing: set[str] = set()
+
+    def _feed(self, sink: Callable[[Any], None], item: Any) -> None:
+        # One sink's bug or full pipe must never reach the clock or the other sinks.
+        try:
+            sink(item)
+        except Exception as exc:
+            name = sink_name(sink)
+            self._failing.add(name)
+            self.failures.failed(name, exc)
+        else:
+            if self._failing:
+                name = sink_name(sink)
+                if name in self._failing:
+                    self._failing.discard(name)
+                    self.failures.recovered(name)
 
     def step(self, index: int) -> list[EncodedPacket]:
         """Produce output frame `index`: take what the engine owes by now, encode, fan out."""
@@ -92,7 +120,7 @@ class Pacer:
         # A late engine's debt is forgiven: catching up later would mean skipping frames.
         self._consumed = due
         for frame_sink in self.frame_sinks:
-            frame_sink(self.frame)
+            self._feed(frame_sink, self.frame)
         frame = self.frame
         if self.lower_third is not None:
             frame = self.lower_third.apply(frame, self.switches.prompt_for(self._seq))
@@ -101,7 +129,7 @@ class Pacer:
         self.switches.frame_encoded(self._seq, index / self.out_fps)
         for packet in packets:
             for sink in self.sinks:
-                sink(packet)
+                self._feed(sink, packet)
         self.frames_out += 1
         self.metrics.frames_output.inc()
         now = time.monotonic()
@@ -109,6 +137,9 @@ class Pacer:
             # Output stalls: the soak benchmark reads these (a gap over 1.5 intervals is a visible hitch).
             gap = now - self.last_tick
             self.max_gap_s = max(self.max_gap_s, gap)
+            for reader, worst in self.gap_windows.items():
+                if gap > worst:
+                    self.gap_windows[reader] = gap
             if gap > 1.5 / self.out_fps:
                 self.late_frames += 1
         self.last_tick = now
@@ -130,7 +161,10 @@ class Pacer:
                 self.resyncs += 1
                 log.warning("output clock %.2fs behind; resynchronised", now - deadline)
                 start = now - index / self.out_fps
-            self.step(index)
+            try:
+                self.step(index)
+            except Exception as exc:  # an encoder hiccup costs one frame, never the clock
+                self.failures.failed("pacer", exc)
             index += 1
 
     def stop(self, finish_gop: bool = False) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import secrets
 import signal
-from pathlib import Path
 
 from aiohttp import web
 
+from broadcaster.api_token import api_token
+from broadcaster.connections import ConnectionCap, fd_status, quiet_accept_errors
 from broadcaster.encoder import StreamEncoder
+from broadcaster.health import HealthVerdict
 from broadcaster.http import make_app
 from broadcaster.metrics import Metrics
 from broadcaster.outputs.factory import build_outputs
@@ -23,6 +23,7 @@ from broadcaster.settings import ConfigError, HlsOutputSettings, Settings, load_
 from broadcaster.steering_runtime import SteeringRuntime, open_store
 from broadcaster.supervisor import EngineSupervisor
 from broadcaster.switches import SwitchTracker
+from broadcaster.tasks import FailureLog, LoopLag, background, keep_running
 from broadcaster.webrtc import WhepHub
 from engine.backends import choose_backend
 from engine.ring import FrameRing
@@ -31,22 +32,6 @@ log = logging.getLogger(__name__)
 
 PACER_STALL_S = 2.0
 GOP_FINISH_TIMEOUT_S = 12.0  # longer than the longest GOP (keyframe_seconds <= 10)
-
-
-def api_token(settings: Settings) -> str:
-    """PROMPTCAST_API_TOKEN, else a token generated once and kept in `server.token_file` (mode 600)."""
-    token = os.environ.get("PROMPTCAST_API_TOKEN", "")
-    if token:
-        return token
-    path = Path(settings.server.token_file)
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
-    path.touch(mode=0o600)
-    path.write_text(token + "\n")
-    log.info("control API token generated and stored in %s (set PROMPTCAST_API_TOKEN to choose one)", path)
-    return token
 
 
 class Service:
@@ -66,23 +51,33 @@ class Service:
         self.store = None
         self.steering: SteeringRuntime | None = None
         self.whep: WhepHub | None = None
+        self.failures = FailureLog(self.metrics)
+        self.connections: ConnectionCap | None = None
+        self._verdict = HealthVerdict()
+        self.loop_lag = LoopLag(self.metrics)
 
     def request_stop(self) -> None:
         """Begin a graceful shutdown."""
         self._stop.set()
 
     def health(self) -> tuple[bool, dict]:
-        """Liveness (the output clock ticks) and every part's status."""
+        """Liveness (the output clock ticks) and every part's status, with why it is degraded."""
         pacer = self.pacer.status() if self.pacer else {}
         ok = bool(pacer) and pacer["last_tick_age_s"] < PACER_STALL_S
-        return ok, {
+        parts = {
             "channel": self.settings.channel,
             "pacer": pacer,
             "engine": self.supervisor.status() if self.supervisor else {},
             "outputs": {o.name: o.status() for o in self.outputs},
             "whep": self.whep.status() if self.whep else {},
+            "chat": self.steering.status() if self.steering else {},
             "schedule": self.schedule_status(),
+            "process": {**fd_status(), "event_loop_lag_s": round(self.loop_lag.last, 4),
+                        "event_loop_lag_max_s": round(self.loop_lag.worst, 4),
+                        "http_connections": self.connections.open if self.connections else None},
         }
+        parts["degraded"] = self._verdict.reasons(parts)
+        return ok, parts
 
     async def state(self) -> dict:
         """What is on air and how chat is steering it, for the control API."""
@@ -101,6 +96,7 @@ class Service:
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT or `request_stop()`, then shut down cleanly."""
         s = self.settings
+        token = api_token(s)  # before anything starts: a channel without a usable token never opens
         backend, reason = choose_backend(s.engine)
         log.info("engine backend: %s (%s)", backend, reason)
         width, height = s.output_size
@@ -119,14 +115,17 @@ class Service:
                                self.metrics, self.switches, s.engine.fps)
             hls = next((o for o in s.outputs if isinstance(o, HlsOutputSettings)), None)
             app = make_app(metrics=self.metrics, health=self.health, state=self.state,
-                           steering=self.steering, api_token=api_token(s),
+                           steering=self.steering, api_token=token,
                            hls_dir=hls.dir if hls else None, cors_origins=s.server.cors_origins,
-                           operations=self)
+                           operations=self, events_per_client=s.server.events_per_client)
             self.pacer.frame_sinks += [o.submit_frame for o in self.outputs if hasattr(o, "submit_frame")]
             self.steering.aired += [o.timeline.aired for o in self.outputs if getattr(o, "timeline", None)]
             self.whep.add_routes(app)  # POST /whep, PATCH/DELETE /whep/<id>
-            runner = web.AppRunner(app, access_log=None)
+            # keepalive_timeout also closes a connection that never completes its request headers.
+            runner = web.AppRunner(app, access_log=None, keepalive_timeout=s.server.idle_timeout_s)
             await runner.setup()
+            self.connections = ConnectionCap(runner.server, s.server.max_connections, self.metrics)
+            quiet_accept_errors()
             site = web.TCPSite(runner, s.server.host, s.server.port)
             await site.start()
             self.http_port = runner.addresses[0][1]
@@ -147,11 +146,17 @@ class Service:
     async def _run_parts(self) -> None:
         assert self.pacer and self.supervisor
         async with asyncio.TaskGroup() as group:
-            group.create_task(self.supervisor.run(), name="engine-supervisor")
-            steering = group.create_task(self.steering.run(), name="steering")
-            schedule = group.create_task(self.scheduler.run(), name="schedule")
+            def part(name: str, run) -> asyncio.Task:
+                # Supervised on its own: an exception is logged, counted and retried here, so it
+                # never reaches the group (which would stop every other part with it).
+                return group.create_task(keep_running(name, run, self.failures), name=name)
+
+            part("engine-supervisor", self.supervisor.run)
+            steering = part("steering", self.steering.run)
+            schedule = part("schedule", self.scheduler.run)
             for output in self.outputs:
-                group.create_task(output.run(), name=f"output-{output.name}")
+                part(f"output-{output.name}", output.run)
+            lag = group.create_task(self.loop_lag.run(), name="loop-lag")
             pacer_done = group.create_task(asyncio.to_thread(self.pacer.run), name="pacer")
             try:
                 await self._stop.wait()
@@ -162,6 +167,7 @@ class Service:
                 # and only then let each muxer write its trailer.
                 schedule.cancel()
                 steering.cancel()
+                lag.cancel()
                 self.pacer.stop(finish_gop=True)
                 try:
                     await asyncio.wait_for(asyncio.shield(pacer_done), GOP_FINISH_TIMEOUT_S)
@@ -180,7 +186,10 @@ class Service:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop)
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGHUP, self.reload_schedule)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+
+    def _reload_on_signal(self) -> None:
+        background(self.reload_schedule(), "schedule-reload", self.failures)
 
     # --- operations (the control API and signals) -----------------------------------------------
     def _schedule_boundary(self, slot) -> None:
@@ -192,12 +201,13 @@ class Service:
         """The programme now: window, playlist, prompt, autopilot, next boundary."""
         return self.scheduler.status() if self.scheduler else {}
 
-    def reload_schedule(self) -> tuple[bool, list[str]]:
+    async def reload_schedule(self) -> tuple[bool, list[str]]:
         """Re-read the channel file and swap in its `schedule:`; the stream goes on. (ok, problems)."""
         if self.config_path is None:
             return False, ["this channel runs the embedded default config: there is no file to re-read"]
         try:
-            fresh = load_settings(self.config_path)
+            # Parsed in a thread: a large or hostile file must not hold up the event loop (/healthz).
+            fresh = await asyncio.to_thread(load_settings, self.config_path)
         except ConfigError as exc:
             problems = [str(p) for p in exc.problems]
             log.error("schedule reload refused, the running programme stays: %s", "; ".join(problems))

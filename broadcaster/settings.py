@@ -173,6 +173,20 @@ class ServerSettings(_Strict):
     )
     whep_max_viewers: int = Field(
         10, ge=0, le=1000, description="concurrent WHEP viewers; more get 503 (0 turns WHEP viewing off)")
+    whep_pending_per_client: int = Field(
+        5, ge=1, le=1000,
+        description="WHEP offers not yet connected per client address; more get 429 (half the default "
+                    "viewer slots: one machine may open several previews at once, not take them all)")
+    max_connections: int = Field(
+        256, ge=8, le=100_000,
+        description="open HTTP connections at most (and at most half the open-file limit); more are "
+                    "answered 503 and closed")
+    idle_timeout_s: float = Field(
+        10.0, gt=0, le=3600,
+        description="a connection that has not sent complete request headers this long after connecting "
+                    "or after its last answer (keep-alive) is closed")
+    events_per_client: int = Field(
+        10, ge=1, le=10_000, description="open /events streams per client address; more get 429")
     ice_servers: list[IceServerSettings] = Field(
         default_factory=list, description="STUN/TURN for WebRTC; none: host candidates only (LAN, localhost)")
     ice_loopback: bool = Field(
@@ -256,6 +270,8 @@ class ConfigError(Exception):
         super().__init__(f"{source}: " + "; ".join(str(p) for p in problems))
 
 
+MAX_CONFIG_CHARS = 1_000_000
+MAX_CONFIG_NODES = 100_000  # values after alias expansion; the largest preset has a few hundred
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -287,7 +303,7 @@ def _expand_env(node: Any, path: tuple[Any, ...], env: dict[str, str], problems:
     return _ENV_REF.sub(substitute, node)
 
 
-def _line_index(text: str) -> dict[tuple[Any, ...], int]:
+def _line_index(root: yaml.Node | None) -> dict[tuple[Any, ...], int]:
     """Map each YAML path to its 1-based line, so errors can point into the file."""
     index: dict[tuple[Any, ...], int] = {}
 
@@ -302,10 +318,6 @@ def _line_index(text: str) -> dict[tuple[Any, ...], int]:
             for i, item in enumerate(node.value):
                 walk(item, (*path, i))
 
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return index
     if root is not None:
         walk(root, ())
     return index
@@ -353,18 +365,94 @@ def parse_settings(text: str, source: str = "<config>", env: dict[str, str] | No
 _LOCATED = re.compile(r"^(?P<loc>[a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)*): (?P<msg>.+)$", re.S)
 
 
-def _parse(text: str, source: str, env: dict[str, str]) -> Settings:
+class _NodeBudget:
+    """The size of a YAML node graph once its aliases are expanded, computed without expanding them."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._sizes: dict[int, int] = {}
+        self._open: set[int] = set()
+
+    def size(self, node: yaml.Node) -> int:
+        """Nodes under `node` (itself included) after alias expansion, capped just above the limit."""
+        key = id(node)
+        if key in self._sizes:
+            return self._sizes[key]
+        if key in self._open:
+            raise _AliasCycle(node)
+        self._open.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        for child in children:
+            total = min(self.limit + 1, total + self.size(child))
+        self._open.discard(key)
+        self._sizes[key] = total
+        return total
+
+    def culprit(self, root: yaml.Node) -> tuple[tuple[Any, ...], int]:
+        """The deepest mapping key (path, line) whose value alone is over the limit."""
+        path: tuple[Any, ...] = ()
+        node, line = root, root.start_mark.line + 1
+        while isinstance(node, yaml.MappingNode):
+            over = next(((k, v) for k, v in node.value if self.size(v) > self.limit), None)
+            if over is None or not isinstance(over[0], yaml.ScalarNode):
+                break
+            path, line, node = (*path, over[0].value), over[0].start_mark.line + 1, over[1]
+        return path, line
+
+
+class _AliasCycle(Exception):
+    def __init__(self, node: yaml.Node):
+        self.node = node
+
+
+def _compose(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """Parse YAML into data within the size and alias budgets; the composed root for line numbers."""
+    if len(text) > MAX_CONFIG_CHARS:
+        raise ConfigError(source, [ConfigProblem("", f"the file has {len(text)} characters; at most "
+                                                     f"{MAX_CONFIG_CHARS} are read")])
+    loader: yaml.SafeLoader | None = None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        raise ConfigError(source, [ConfigProblem("", f"not valid YAML: {exc}", line)]) from None
+        try:
+            loader = yaml.SafeLoader(text)  # the reader already refuses unprintable characters
+            root = loader.get_single_node()
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark else None
+            raise ConfigError(source, [ConfigProblem("", f"not valid YAML: {exc}", line)]) from None
+        if root is None:
+            return None, None
+        budget = _NodeBudget(MAX_CONFIG_NODES)
+        try:
+            too_big = budget.size(root) > MAX_CONFIG_NODES
+        except _AliasCycle as cycle:
+            line = cycle.node.start_mark.line + 1
+            raise ConfigError(source, [ConfigProblem("", "an alias refers to itself", line)]) from None
+        if too_big:
+            # Aliases share one parsed value, but everything after parsing walks the expanded tree:
+            # a few hundred bytes of nested aliases would take minutes and gigabytes.
+            path, line = budget.culprit(root)
+            raise ConfigError(source, [ConfigProblem(
+                _format_loc(path), f"expands to more than {MAX_CONFIG_NODES} values through YAML aliases "
+                                   "(refused: an alias bomb?)", line)])
+        return loader.construct_document(root), root
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _parse(text: str, source: str, env: dict[str, str]) -> Settings:
+    data, root = _compose(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, [ConfigProblem("", "the top level must be a mapping of sections", 1)])
-    lines = _line_index(text)
+    lines = _line_index(root)
     env_problems: list[tuple[tuple[Any, ...], str]] = []
     data = _expand_env(data, (), env, env_problems)
     problems = [ConfigProblem(_format_loc(p), m, lines.get(p)) for p, m in env_problems]

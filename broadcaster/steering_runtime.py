@@ -7,11 +7,11 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from broadcaster.backoff import Backoff
 from broadcaster.metrics import Metrics
 from broadcaster.source_metrics import SourceCollector
 from broadcaster.supervisor import EngineSupervisor
 from broadcaster.switches import OnAir, SwitchTracker
+from broadcaster.tasks import FailureLog, background, keep_running
 from broadcaster.timeline import Aired
 from chat.events import ChatEvent, QueuedPrompt
 from chat.settings import ChatSettings, LocalSourceSettings, StoreSettings
@@ -23,6 +23,7 @@ from chat.store import SteeringStore
 log = logging.getLogger(__name__)
 
 TICK_S = 0.25
+STORE_PROBE_S = 2.0  # how often /healthz's view of the store is refreshed
 REANCHOR_WAIT_S = 3.0  # a boundary's re-anchor rides on the programme's switch if one comes this soon
 
 
@@ -100,6 +101,9 @@ class SteeringRuntime:
         )
         self.steering = Steering(settings, store, hooks=hooks)
         metrics.registry.register(SourceCollector(self.sources))  # promptcast_chat_source_*
+        self.failures = FailureLog(metrics)
+        self.store_reachable = True
+        self.store_error = ""
         self._in_flight: dict[int, QueuedPrompt] = {}  # switch seq -> queued entry not yet on air
         try:  # known from the start, so the very first frame's on-air event is not missed
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -117,7 +121,8 @@ class SteeringRuntime:
     def _acknowledge(self, event: OnAir) -> None:
         prompt = self._in_flight.pop(event.seq, None)
         if prompt is not None:
-            asyncio.ensure_future(self.steering.applied(prompt))  # noqa: RUF006 - logged on failure
+            # Referenced until done, and a failure is logged and counted (the entry replays after a restart).
+            background(self.steering.applied(prompt), "steering-ack", self.failures)
         chosen_by = prompt.chosen_by if prompt is not None else ("start" if event.seq == 0 else "api")
         for listener in self.aired:
             try:
@@ -132,6 +137,7 @@ class SteeringRuntime:
             for source in self.sources:
                 group.create_task(self._run_source(source), name=f"chat-{source.name}")
             group.create_task(self._clock(), name="steering-clock")
+            group.create_task(self._probe_store(), name="store-probe")
             group.create_task(self._switch_loop(), name="steering-switch")
 
     async def _run_source(self, source: ChatSource) -> None:
@@ -146,19 +152,31 @@ class SteeringRuntime:
 
         emit = Delivery(one, many)  # a busy source hands over what piled up in one call
 
-        backoff = Backoff(1.0, 60.0)
+        # A source reconnects by itself; this is the last resort (logged as "chat source NAME failed").
+        await keep_running(f"chat source {source.name}", lambda: source.run(emit), self.failures)
+
+    async def _probe_store(self) -> None:
         while True:
-            started = asyncio.get_running_loop().time()
             try:
-                await source.run(emit)
-                return
-            except Exception as exc:  # a source reconnects by itself; this is the last resort
-                if asyncio.get_running_loop().time() - started > 60:
-                    backoff.reset()
-                delay = backoff.next_delay()
-                log.error("chat source %s stopped (%s: %s); restarting in %.1fs", source.name,
-                          type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
+                async with asyncio.timeout(STORE_PROBE_S * 2):
+                    await self.store.queue_depth()
+            except Exception as exc:  # StoreUnavailable, a timeout: /healthz says degraded meanwhile
+                if self.store_reachable:
+                    log.warning("store unreachable (%s: %s)", type(exc).__name__, exc)
+                self.store_reachable, self.store_error = False, f"{type(exc).__name__}: {exc}"
+            else:
+                if not self.store_reachable:
+                    log.info("store reachable again")
+                self.store_reachable, self.store_error = True, ""
+            await asyncio.sleep(STORE_PROBE_S)
+
+    def status(self) -> dict:
+        """Chat sources and the store, for /healthz."""
+        return {
+            "sources": [source.status() for source in self.sources],
+            "store": {"kind": type(self.store).__name__, "reachable": self.store_reachable,
+                      "last_error": self.store_error},
+        }
 
     async def _clock(self) -> None:
         while True:

@@ -13,6 +13,7 @@ from broadcaster.backoff import Backoff
 from broadcaster.metrics import Metrics
 from broadcaster.switches import SwitchTracker
 from engine.process import EngineSpec, run_engine
+from engine.progress import describe
 from engine.ring import FrameRing
 from engine.settings import EngineSettings
 
@@ -22,6 +23,7 @@ _CTX = mp.get_context("spawn")  # never fork a process that may hold CUDA
 STABLE_SECONDS = 60.0  # an engine up this long resets the backoff and ends a crash loop
 CRASH_LOOP_RESTARTS = 3  # this many restarts ...
 CRASH_LOOP_WINDOW_S = 300.0  # ... within this many seconds is a crash loop
+PHASES = ("loading", "warmup", "compiling", "running")  # an engine's life, each with its own timeout
 
 
 class CrashLoop:
@@ -66,7 +68,9 @@ class EngineSupervisor:
         self.prompt_seq = 0
         self.seed = settings.seed
         self.block = 0
-        self.state = "starting"
+        self.state = "loading"  # loading -> warmup | compiling -> running (docs/broadcaster.md)
+        self._phase_since = self._progress_at = self._warmup_started = time.monotonic()
+        self.load_progress: dict | None = None
         self.restarts = 0
         self.last_error = ""
         self.process: mp.process.BaseProcess | None = None
@@ -148,18 +152,18 @@ class EngineSupervisor:
         events_write.close()
         self.process, self._control = process, control_write
         self._recaches_seen = self._reanchors_seen = 0  # a new engine counts from zero
-        self.state = "loading"
-        ready = False
-        started = time.monotonic()
-        ready_at = None
+        self._enter("loading")
+        self.load_progress = None
+        running_since = None
         reason = "stopped"
         try:
             while True:
-                ready = self._read_events(events_read) or ready
-                if ready and ready_at is None:
-                    ready_at = time.monotonic()
-                if ready_at is not None and time.monotonic() - ready_at > STABLE_SECONDS:
-                    ready_at = float("inf")  # checked once per engine
+                self._read_events(events_read)
+                now = time.monotonic()
+                if self.state == "running" and running_since is None:
+                    running_since = now
+                if running_since is not None and now - running_since > STABLE_SECONDS:
+                    running_since = float("inf")  # checked once per engine
                     if self.crash_loop.stable():
                         self.metrics.engine_crash_loop.set(0)
                         log.info("engine stable for %.0fs: crash loop over", STABLE_SECONDS)
@@ -172,14 +176,10 @@ class EngineSupervisor:
                 if self._closing:
                     await self._stop(process)
                     break
-                if ready and self.ring.heartbeat_age() > self.settings.heartbeat_timeout_s:
+                stall = self.stall(now)
+                if stall is not None:
                     reason = "hung"
-                    self.last_error = f"no heartbeat for {self.ring.heartbeat_age():.1f}s"
-                    process.kill()
-                    break
-                if not ready and time.monotonic() - started > self.settings.startup_timeout_s:
-                    reason = "hung"
-                    self.last_error = f"not ready after {self.settings.startup_timeout_s:.0f}s"
+                    self.last_error = stall
                     process.kill()
                     break
                 await asyncio.sleep(0.05)
@@ -191,25 +191,63 @@ class EngineSupervisor:
             events_read.close()
         return reason
 
+    def _enter(self, phase: str) -> None:
+        self.state = phase
+        self._phase_since = self._progress_at = time.monotonic()
+        for name in PHASES:
+            self.metrics.engine_phase.labels(name).set(1 if name == phase else 0)
+
+    def stall(self, now: float) -> str | None:
+        """Why the engine counts as hung in its phase, or None (the rules: docs/broadcaster.md)."""
+        settings = self.settings
+        if self.state == "loading":
+            idle = now - self._progress_at
+            if idle > settings.startup_timeout_s:
+                return f"load stalled: no progress for {idle:.1f}s ({describe(self.load_progress)})"
+        elif self.state in ("warmup", "compiling"):
+            spent, limit = now - self._phase_since, settings.effective_warmup_timeout_s
+            if spent > limit:
+                return f"{self.state} not done after {spent:.1f}s (warmup_timeout_s {limit:.0f})"
+        elif self.state == "running":
+            age = self.ring.heartbeat_age()
+            if age > settings.heartbeat_timeout_s:
+                return f"no heartbeat for {age:.1f}s"
+        return None
+
+    @property
+    def phase_detail(self) -> str:
+        """What the engine does, for people: 'loading weights 7.2 / 14.1 GB (...)', 'running'..."""
+        if self.state == "loading":
+            return describe(self.load_progress)
+        if self.state in ("warmup", "compiling"):
+            what = "compiling the DiT and making the first block" if self.state == "compiling" else \
+                "making the first block"
+            return f"{what} ({time.monotonic() - self._phase_since:.0f}s)"
+        return self.state
+
     async def _stop(self, process) -> None:
         self._send(("stop",))
         await asyncio.to_thread(process.join, 5)
         if process.is_alive():
             process.kill()
 
-    def _read_events(self, conn) -> bool:
-        ready = False
+    def _read_events(self, conn) -> None:
         try:
             while conn.poll():
                 event = conn.recv()
                 kind = event[0]
-                if kind == "ready":
-                    ready = True
-                    self.state = "running"
+                if kind == "phase":
+                    self._phase_event(event[1], event[2])
+                elif kind == "ready":
                     self.last_error = ""
-                    self.metrics.engine_up.set(1)
-                    log.info("engine ready: %s pid %d", event[1]["backend"], event[1]["pid"])
+                    log.info("engine ready: %s pid %d; first block under way", event[1]["backend"],
+                             event[1]["pid"])
                 elif kind == "block":
+                    if self.state != "running":
+                        self._enter("running")
+                        self.metrics.engine_up.set(1)
+                        log.info("engine running: first block after %.1fs of warm-up",
+                                 time.monotonic() - self._warmup_started)
                     self.block_done.set()
                     self.block = event[1]
                     self.metrics.frames_generated.inc(event[2])
@@ -232,7 +270,20 @@ class EngineSupervisor:
                     log.error("engine failed: %s\n%s", event[1], event[2])
         except (EOFError, OSError):
             pass
-        return ready
+
+    def _phase_event(self, phase: str, info: dict | None) -> None:
+        if phase == "loading":
+            self._progress_at = time.monotonic()  # any report, even a repeated one, is progress
+            if info is not None:
+                self.load_progress = info
+                self.metrics.engine_load_bytes.set(info["bytes"])
+            return
+        self._warmup_started = time.monotonic()
+        seconds = (info or {}).get("load_seconds")
+        log.info("engine loaded%s; %s (limit %.0fs)", f" in {seconds:.1f}s" if seconds is not None else "",
+                 "compiling" if phase == "compiling" else "warming up",
+                 self.settings.effective_warmup_timeout_s)
+        self._enter(phase)
 
     @property
     def generation_fps(self) -> float:
@@ -250,6 +301,9 @@ class EngineSupervisor:
         return {
             "backend": self.backend,
             "state": self.state,
+            "phase": self.phase_detail,
+            "phase_seconds": round(now - self._phase_since, 1),
+            "load_progress": self.load_progress,
             "pid": self.process.pid if alive else None,
             "restarts": self.restarts,
             "last_error": self.last_error,

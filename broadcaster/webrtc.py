@@ -287,6 +287,18 @@ def _error(status: int, reason: str, headers: dict[str, str] | None = None) -> w
     return web.json_response({"error": reason}, status=status, headers=headers)
 
 
+async def _sdp_text(request: web.Request) -> str | web.Response:
+    """The body as SDP text, or the 400 saying why it is not (binary, not UTF-8)."""
+    raw = await request.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return _error(400, "the SDP is not UTF-8 text")
+    if any(ord(c) < 32 and c not in "\r\n\t" for c in text):
+        return _error(400, "the SDP contains control characters")
+    return text
+
+
 class OpusSwitch(Protocol):
     """What the hub and WHIP outputs need of the encoder (`StreamEncoder` has it)."""
 
@@ -332,6 +344,7 @@ class WhepHub:
 
     def __init__(self, settings: ServerSettings, encoder: OpusSwitch, metrics: Metrics):
         self.max_viewers = settings.whep_max_viewers
+        self.pending_per_client = settings.whep_pending_per_client
         self.ice_servers = list(settings.ice_servers)
         self._encoder = encoder
         self._converter = PacketConverter(encoder.video_time_base, lambda: encoder.video_headers)
@@ -397,12 +410,21 @@ class WhepHub:
             reason = (f"viewer limit reached ({self.max_viewers}, server.whep_max_viewers)"
                       if self.max_viewers else "WHEP viewing is off (server.whep_max_viewers: 0)")
             return _error(503, reason, {"Retry-After": "10"})
-        offer = await request.text()
+        remote = request.remote or "?"
+        pending = sum(1 for v in self._viewers.values() if v.connected_at is None and v.remote == remote)
+        if pending >= self.pending_per_client:
+            # Offers that never connect hold a slot for CONNECT_TIMEOUT_S: one address gets only a few.
+            self._refused.labels("pending").inc()
+            return _error(429, f"{pending} offers from this address have not connected yet "
+                               f"(server.whep_pending_per_client)", {"Retry-After": "10"})
+        offer = await _sdp_text(request)
+        if isinstance(offer, web.Response):
+            return offer
         viewer_id = secrets.token_urlsafe(16)
         pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
         video = EncodedTrack("video", VIDEO_QUEUE_PACKETS)
         audio = EncodedTrack("audio", AUDIO_QUEUE_PACKETS)
-        viewer = _Viewer(viewer_id, pc, video, audio, request.remote or "?")
+        viewer = _Viewer(viewer_id, pc, video, audio, remote)
         self._viewers[viewer_id] = viewer  # holds the slot from now on
         self._encoder.want_opus("whep", True)
         try:
@@ -437,7 +459,10 @@ class WhepHub:
             return _error(404, "no such WHEP session")
         if request.content_type != SDPFRAG:
             return _error(415, f"Content-Type must be {SDPFRAG}")
-        ufrag, candidates, end = parse_sdpfrag(await request.text())
+        fragment = await _sdp_text(request)
+        if isinstance(fragment, web.Response):
+            return fragment
+        ufrag, candidates, end = parse_sdpfrag(fragment)
         remote = viewer.pc.remoteDescription
         if ufrag is not None and remote is not None and ufrag != _ice_ufrag(remote.sdp):
             return _error(422, "ICE restarts are not supported; start a new session")

@@ -27,16 +27,13 @@ from redis.backoff import ExponentialBackoff
 
 from chat.events import Draft, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
 from chat.memory_store import HISTORY_LENGTH, MAX_POOL, RoundNotFound, RoundStillOpen, ingested
+from chat.store import StoreUnavailable  # one type for every store, so the API can answer 503
 
 __all__ = ["QUEUE_GROUP", "RedisStore", "RoundNotFound", "RoundStillOpen", "StoreUnavailable"]
 
 QUEUE_GROUP = "players"  # the consumer group every channel process reads the prompt queue through
 _CHANNEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STREAM_ID = re.compile(r"^\d+-\d+$")
-
-
-class StoreUnavailable(RuntimeError):
-    """Redis could not be reached (down, restarting, overloaded) within the store's time bound."""
 
 
 # Opening a round: refuse while one is open; new id; fresh counters; options leave the pool.

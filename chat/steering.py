@@ -25,12 +25,12 @@ from chat.commands import (
     parse_command,
 )
 from chat.events import ChatEvent, Draft, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
-from chat.moderation import Moderator, fold
+from chat.moderation import Decision, Moderator, fold
 from chat.redemptions import Redemptions
 from chat.redemptions import pool as pool_place
 from chat.redemptions import queue as queue_place
 from chat.settings import ChatSettings, ReplyKind
-from chat.store import SteeringStore
+from chat.store import SteeringStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,8 @@ class Steering:
         if not self.chat_enabled:
             await self._refuse(event, "steering_off", STEERING_OFF)
             return
-        decision = self.moderator.check(event, text, banned=banned)
+        # commit=False: a line the store cannot take must not count as a duplicate or against the rate.
+        decision = self.moderator.check(event, text, banned=banned, commit=False)
         if not decision.accepted:
             await self._refuse(event, decision.reason, decision.message)
             return
@@ -209,9 +210,9 @@ class Steering:
         if mode != "queue":  # the pool grows, not the queue: no depth to report
             added = await self._pool_writes.submit(
                 Draft(decision.text, decision.raw, event.user_id, event.login, event.label, self.clock()))
+            self._kept(event, decision)
             if event.redemption_id:
                 self.redemptions.track(pool_place(added.id), event, self.clock())
-            self.last_activity = self.clock()
             await self._reply(event, "added to the next vote" if mode == "vote" else "waiting for approval",
                               "accepted")
             return
@@ -221,13 +222,18 @@ class Steering:
             return
         by = f"@{event.login} (channel points)" if event.redemption_id else f"@{event.login}"
         entry = await self.store.enqueue(decision.text, by, None, self.clock())
+        self._kept(event, decision)
         if event.redemption_id:
             self.redemptions.track(queue_place(entry.entry_id), event, self.clock())
         self._last_queued_by[event.user_id] = self.clock()
         self.hooks.prepare(entry.text)
+        depth = await self._report_depth()
+        await self._reply(event, f"queued (#{depth})" if depth is not None else "queued", "accepted")
+
+    def _kept(self, event: ChatEvent, decision: Decision) -> None:
+        # Only now, with the store holding it, does the line count for duplicates and the rate limit.
+        self.moderator.note_accepted(event, decision)
         self.last_activity = self.clock()
-        await self._reply(event, f"queued (#{await self.store.queue_depth()})", "accepted")
-        await self._report_depth()
 
     async def _queue_refusal(self, event: ChatEvent) -> tuple[str, str] | None:
         cfg = self.settings.queue
@@ -292,10 +298,11 @@ class Steering:
         chosen = pool.get(suggestion_id)
         if chosen is None:
             return None
-        await self.store.remove_suggestions([suggestion_id])
+        # Queued before it leaves the pool: a store failing in between leaves it in both, never in neither.
         entry = await self.store.enqueue(chosen.text, f"@{chosen.login} (approved by {by})", chosen.id,
                                          self.clock())
         self.redemptions.moved(pool_place(chosen.id), queue_place(entry.entry_id))
+        await self.store.remove_suggestions([suggestion_id])
         self.last_activity = self.clock()
         self.hooks.prepare(entry.text)
         await self._report_depth()
@@ -400,8 +407,15 @@ class Steering:
             await self.hooks.fulfill(redeemed)
         await self._report_depth()
 
-    async def _report_depth(self) -> None:
-        self.hooks.queue_depth(await self.store.queue_depth())
+    async def _report_depth(self) -> int | None:
+        # Only a gauge: a store that fails here must not turn a kept item into an error.
+        try:
+            depth = await self.store.queue_depth()
+        except StoreUnavailable as exc:
+            log.warning("queue depth not read: %s", exc)
+            return None
+        self.hooks.queue_depth(depth)
+        return depth
 
     async def state(self) -> dict:
         """Round, tally, queue, pool and what is playing — for the API and the overlays."""

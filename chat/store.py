@@ -12,6 +12,10 @@ from typing import Protocol
 from chat.events import Draft, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
 
 
+class StoreUnavailable(RuntimeError):
+    """The store could not take or give data in time (down, restarting, overloaded): retry later."""
+
+
 class SteeringStore(Protocol):
     """Per-channel steering state. All methods are coroutines; implementations are atomic per call."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from engine.interface import Engine
 from engine.settings import EngineSettings
 from engine.weights import WeightPaths
@@ -33,11 +35,24 @@ def _longlive_blocker(settings: EngineSettings) -> str | None:
     return None
 
 
+def _cuda_blocker(settings: EngineSettings) -> str | None:
+    """Why `device: cuda` cannot be honoured by this torch build, or None."""
+    if settings.device != "cuda" or _cuda() is not None:
+        return None
+    import torch
+
+    if torch.version.cuda is None:
+        return (f"engine.device is 'cuda' but this PyTorch ({torch.__version__}) is a CPU-only build; "
+                "install the CUDA build of torch for your driver (docs/engine.md#cuda), or set device: cpu")
+    return (f"engine.device is 'cuda' but PyTorch (CUDA {torch.version.cuda}) sees no GPU; check the driver "
+            "with `nvidia-smi` (and `--gpus all` under Docker), or set device: cpu")
+
+
 def choose_backend(settings: EngineSettings) -> tuple[str, str]:
     """The backend to run and a one-line reason."""
     if settings.backend == "preview":
         return "preview", "engine.backend is 'preview'"
-    blocker = _longlive_blocker(settings)
+    blocker = _longlive_blocker(settings) or _cuda_blocker(settings)
     if settings.backend == "longlive":
         if blocker:
             raise BackendUnavailable(f"engine.backend: 'longlive' cannot start: {blocker}")
@@ -52,8 +67,9 @@ def choose_backend(settings: EngineSettings) -> tuple[str, str]:
     return "longlive", f"auto: CUDA {gpu} and the LongLive weights in {settings.weights_dir}"
 
 
-def create_engine(name: str, settings: EngineSettings) -> Engine:
-    """Construct the named backend at the configured size."""
+def create_engine(name: str, settings: EngineSettings, report: Callable[[dict], None] | None = None,
+                  heartbeat: Callable[[], None] | None = None) -> Engine:
+    """Construct the named backend at the configured size (`report`: load progress; `heartbeat`: liveness)."""
     if name == "preview":
         from engine.preview import PreviewEngine
 
@@ -61,5 +77,5 @@ def create_engine(name: str, settings: EngineSettings) -> Engine:
     if name == "longlive":
         from engine.longlive import LongLiveEngine
 
-        return LongLiveEngine(settings)
+        return LongLiveEngine(settings, report=report, heartbeat=heartbeat)
     raise BackendUnavailable(f"unknown engine backend {name!r} (have: {', '.join(BACKENDS)})")

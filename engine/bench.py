@@ -9,7 +9,8 @@ import torch
 
 from engine.attention import attention_backend
 from engine.generator import StreamingGenerator
-from engine.model import PRESETS, CausalWanModel, parameter_count
+from engine.model import PRESETS, parameter_count
+from engine.random_weights import random_dit
 from engine.sampler import SamplerConfig
 
 REFERENCE_FPS_H100 = 20.7  # LongLive 1.0 README, bf16 (scope of the figure not stated)
@@ -21,14 +22,23 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_engine(size: str = "tiny", blocks: int = 8, steps: int = 4, dtype: str = "fp32",
-                 compile_model: bool = False, device: str | None = None) -> str:
-    """Time `blocks` blocks and one recache; report ms/block, pixel-frame FPS and peak memory."""
+                 compile_model: bool = False, device: str | None = None, width: int | None = None,
+                 height: int | None = None) -> str:
+    """Time `blocks` blocks and one recache; report ms/block, pixel-frame FPS and peak memory.
+
+    `width`/`height` (pixels, multiples of 16) run the preset's architecture at another frame
+    size, e.g. the full 1.3B model at 64x64 on a CPU.
+    """
     cfg = PRESETS[size]
+    if width is not None or height is not None:
+        width, height = width or cfg.latent_width * 8, height or cfg.latent_height * 8
+        if width % 16 or height % 16 or width <= 0 or height <= 0:
+            raise ValueError(f"--width/--height must be positive multiples of 16, got {width}x{height}")
+        cfg = cfg.with_latent_size(height // 8, width // 8)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     torch.manual_seed(0)
-    with dev:
-        model = CausalWanModel(cfg).to(torch_dtype).eval().requires_grad_(False)
+    model = random_dit(cfg, dev, torch_dtype)  # built in its dtype: no fp32 copy of 5.7 GB
     if compile_model:
         model = torch.compile(model)
     all_steps = (1000, 750, 500, 250)

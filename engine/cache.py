@@ -89,16 +89,16 @@ class KVCache:
             raise ValueError(f"pass at token {current_start} reaches before the cached window")
         protect_sink = is_recompute and not sink_recache
         write_start = max(local_start, sink) if protect_sink else local_start
-        device = self.k.device
         frames = n_new // fs
+        # Positions are host integers: building the angles never waits on the device.
         if self.rope_mode == "absolute":
-            query_pos = torch.arange(current_start // fs, current_start // fs + frames, device=device)
+            query_angles = rope.angles(current_start // fs, frames)
             key_angles = None
         else:  # relative ("infinity"): positions are buffer slots, always < window
-            query_pos = torch.arange(local_start // fs, local_start // fs + frames, device=device)
-            key_angles = rope.angles(torch.arange(local_end // fs, device=device))
+            query_angles = rope.angles(local_start // fs, frames)
+            key_angles = rope.angles(0, local_end // fs)
         return SelfAttnPlan(current_start, n_new, roll, local_start, local_end, write_start, is_recompute,
-                            rope.angles(query_pos), key_angles, mask)
+                            query_angles, key_angles, mask)
 
     def update_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: SelfAttnPlan,
                         rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:

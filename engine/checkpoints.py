@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.model import CausalWanModel, ModelConfig
+from engine.model import CausalWanModel, ModelConfig, parameter_dtype
+from engine.progress import LoadProgress
 
 WRAPPER_PREFIXES = ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.",
                     "base_model.model.", "model.")
@@ -179,11 +180,12 @@ class LoRALinear(nn.Module):
 
 def load_dit(cfg: ModelConfig, weights: str | Path, lora: str | Path | None = None, *,
              merge_lora: bool = True, lora_alpha: float | None = None, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32, use_ema: bool = False) -> CausalWanModel:
+             dtype: torch.dtype = torch.float32, use_ema: bool = False,
+             progress: LoadProgress | None = None) -> CausalWanModel:
     """Build the DiT on the meta device and assign the checkpoint's weights (plus LongLive's LoRA).
 
     `lora_alpha` defaults to the rank (LongLive: 256/256, scale 1). Merging is done in fp32
-    before the cast: W' = W + (alpha / r) * B @ A.
+    before the cast: W' = W + (alpha / r) * B @ A. `progress` counts each tensor as it lands.
     """
     with torch.device("meta"):
         model = CausalWanModel(cfg)
@@ -191,6 +193,8 @@ def load_dit(cfg: ModelConfig, weights: str | Path, lora: str | Path | None = No
     state = read_dit_state_dict(weights, use_ema=use_ema)
     check_state_dict(state, expected, weights)
     adapters = read_lora(lora, cfg) if lora is not None else {}
+    if progress is not None and lora is not None:
+        progress.finish(Path(lora))
     scales = {}
     for module, (a, _b) in adapters.items():
         rank = a.shape[0]
@@ -199,11 +203,17 @@ def load_dit(cfg: ModelConfig, weights: str | Path, lora: str | Path | None = No
     # merged weight at most besides the memory-mapped files.
     for key in list(state):
         module = key.removesuffix(".weight")
+        target = parameter_dtype(key, dtype)  # the fp32 islands stay fp32 (model.FP32_PARAMETERS)
+        stored = state[key].numel() * state[key].element_size()  # bytes in the file
         if merge_lora and key.endswith(".weight") and module in adapters:
             a, b = adapters[module]
-            state[key] = (state[key].float() + scales[module] * (b.float() @ a.float())).to(device, dtype)
+            state[key] = (state[key].float() + scales[module] * (b.float() @ a.float())).to(device, target)
         else:
-            state[key] = state[key].to(device=device, dtype=dtype)
+            state[key] = state[key].to(device=device, dtype=target)
+        if progress is not None:
+            progress.advance(Path(weights), stored)
+    if progress is not None:
+        progress.finish(Path(weights))
     model.load_state_dict(state, strict=True, assign=True)
     if adapters and not merge_lora:
         for module, (a, b) in adapters.items():

@@ -57,12 +57,15 @@ class StreamingGenerator:
 
     def __init__(self, model: CausalWanModel, sampler: SamplerConfig | None = None,
                  stream: StreamConfig | None = None,
-                 noise_factory: Callable[[int], NoiseSource] | None = None):
+                 noise_factory: Callable[[int], NoiseSource] | None = None,
+                 on_layer: Callable[[], None] | None = None):
+        """`on_layer` is called after every DiT layer of every pass (the engine's heartbeat)."""
         self.model = model
+        self.on_layer = on_layer
         self.cfg = model.cfg
         self.sampler = sampler or SamplerConfig()
         self.stream = stream or StreamConfig()
-        param = next(model.parameters())
+        param = model.patch_embedding.weight  # the compute dtype (the fp32 islands aside)
         self.device, self.dtype = param.device, param.dtype
         self.schedule = FlowMatchSchedule(self.sampler.shift, self.sampler.num_train_timesteps)
         self.timesteps = [float(t) for t in
@@ -127,7 +130,7 @@ class StreamingGenerator:
         return float(self._drift)
 
     def _set_prompt(self, prompt_embeds: torch.Tensor) -> None:
-        self.model.encode_text(prompt_embeds.to(self.device), self.text)
+        self.model.encode_text(prompt_embeds.to(self.device), self.text, on_layer=self.on_layer)
 
     def _forward(self, x: torch.Tensor, timestep: float, start_frame: int,
                  sink_recache: bool = False) -> torch.Tensor:
@@ -136,7 +139,7 @@ class StreamingGenerator:
         fs = self.cfg.frame_seq_length
         plan = self.kv.plan(start_frame * fs, frames * fs, self.model.rope(), sink_recache=sink_recache)
         t = torch.full((x.shape[0], frames), timestep, dtype=torch.float32, device=self.device)
-        flow = self.model(x.permute(0, 2, 1, 3, 4), t, self.kv, plan, self.text)
+        flow = self.model(x.permute(0, 2, 1, 3, 4), t, self.kv, plan, self.text, on_layer=self.on_layer)
         self.kv.commit(plan)
         return flow.permute(0, 2, 1, 3, 4)
 

@@ -8,9 +8,12 @@ prediction; everything stateful (KV cache, pointers) lives in `engine.cache`.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import attention
@@ -74,6 +77,23 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# Parameters kept in fp32 when the model runs in bf16/fp16: the time embedding, every
+# modulation table, norm3's affine and the output head, the parts Wan2.1 evaluates under
+# autocast(float32). Together 17.4 M of the 1.3B model's 1,419 M (1.2 %; docs/engine.md).
+FP32_PARAMETERS = re.compile(
+    r"^(time_embedding\.|time_projection\.|head\.|blocks\.\d+\.(modulation|norm3\.))")
+
+
+def keeps_fp32(name: str) -> bool:
+    """True for a DiT parameter (state-dict key) that stays fp32 in every compute dtype."""
+    return FP32_PARAMETERS.match(name) is not None
+
+
+def parameter_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a parameter is stored in when the model computes in `dtype`."""
+    return torch.float32 if keeps_fp32(name) else dtype
+
+
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     """Timestep features: cos then sin, t on the 0..1000 scale, computed in float64 (§2.2)."""
     half = dim // 2
@@ -93,53 +113,67 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).type_as(x)
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm evaluated in fp32 (as Wan does) and cast back."""
+    """LayerNorm evaluated in fp32, affine parameters included (as Wan2.1 runs it under autocast).
+
+    Returns fp32: its callers modulate in fp32 before casting to the model dtype.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+def _fp32_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A Linear evaluated in fp32 whatever its parameters were cast to (a no-op cast when fp32)."""
+    return F.linear(x.float(), layer.weight.float(), layer.bias.float())
 
 
 class Rope:
     """3-axis rotary tables (t, h, w) with interleaved pairs and per-axis bases (§2.3).
 
     Kept as cos/sin in fp32 (computed in fp64), off the module so meta construction and
-    dtype casts never touch them.
+    dtype casts never touch them. The (h, w) part of a frame is the same for every frame,
+    so it is built once; a pass only slices the temporal table by host integers (no sync).
     """
 
     def __init__(self, head_dim: int, max_frames: int, grid: tuple[int, int], device: torch.device):
         d = head_dim
         axes = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
         lengths = (max_frames, grid[0], grid[1])
-        self.tables = []
+        tables = []
         for axis_dim, length in zip(axes, lengths, strict=True):
             inv = 1.0 / torch.pow(10000.0, torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
             angles = torch.outer(torch.arange(length, dtype=torch.float64), inv)
-            self.tables.append((torch.cos(angles).float().to(device), torch.sin(angles).float().to(device)))
+            tables.append((torch.cos(angles).float().to(device), torch.sin(angles).float().to(device)))
+        self.tables = tables
+        (_, _), (ch, sh), (cw, sw) = tables
+        h, w = grid
+        self._spatial = tuple(
+            torch.cat([a.view(h, 1, -1).expand(h, w, -1), b.view(1, w, -1).expand(h, w, -1)], -1)
+            .reshape(h * w, -1)
+            for a, b in ((ch, cw), (sh, sw)))  # cos, sin [h*w, (dh + dw) / 2]
         self.grid = grid
         self.max_frames = max_frames
 
-    def angles(self, frame_positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [tokens, 1, head_dim/2] for whole frames at the given temporal positions."""
-        (ct, st), (ch, sh), (cw, sw) = self.tables
-        h, w = self.grid
-        f = frame_positions.numel()
-        if int(frame_positions.max()) >= self.max_frames:
-            raise ValueError(f"temporal RoPE position {int(frame_positions.max())} beyond the table "
+    def angles(self, first_frame: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [tokens, 1, head_dim/2] for `frames` whole frames from temporal position `first_frame`."""
+        if first_frame < 0 or first_frame + frames > self.max_frames:
+            raise ValueError(f"temporal RoPE position {first_frame + frames - 1} beyond the table "
                              f"({self.max_frames} frames); use rope_mode 'relative' for unbounded streams")
-
-        def expand(cos, sin, index, shape):
-            return cos[index].expand(*shape, -1), sin[index].expand(*shape, -1)
-
-        cos_t, sin_t = expand(ct, st, frame_positions.view(f, 1, 1), (f, h, w))
-        cos_h, sin_h = expand(ch, sh, torch.arange(h, device=ct.device).view(1, h, 1), (f, h, w))
-        cos_w, sin_w = expand(cw, sw, torch.arange(w, device=ct.device).view(1, 1, w), (f, h, w))
-        cos = torch.cat([cos_t, cos_h, cos_w], dim=-1).reshape(f * h * w, 1, -1)
-        sin = torch.cat([sin_t, sin_h, sin_w], dim=-1).reshape(f * h * w, 1, -1)
-        return cos, sin
+        ct, st = self.tables[0]
+        hw = self._spatial[0].shape[0]
+        out = []
+        for temporal, spatial in ((ct, self._spatial[0]), (st, self._spatial[1])):
+            t = temporal[first_frame:first_frame + frames].view(frames, 1, -1).expand(frames, hw, -1)
+            s = spatial.view(1, hw, -1).expand(frames, hw, -1)
+            out.append(torch.cat([t, s], dim=-1).reshape(frames * hw, 1, -1))
+        return out[0], out[1]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -211,19 +245,21 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, layer: int, cache: KVCache, plan: SelfAttnPlan,
                 rope: Rope, text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor:
+        """x: the fp32 residual stream [B, L, D]; e0: fp32 [B, F, 6, D]. Linears run in the model dtype."""
         frames = e0.shape[1]
-        # (shift, scale, gate) for self-attention, then for the FFN; one set per frame.
-        mod = (self.modulation.unsqueeze(1) + e0).chunk(6, dim=2)  # each [B, F, 1, D]
+        dtype = text_k.dtype
+        # (shift, scale, gate) for self-attention, then for the FFN; one set per frame, in fp32.
+        mod = (self.modulation.float().unsqueeze(1) + e0).chunk(6, dim=2)  # each [B, F, 1, D]
 
         def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-            return (h.unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)
+            return (h.unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2).to(dtype)
 
         def gated(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-            return (y.unflatten(1, (frames, -1)) * gate).flatten(1, 2)
+            return (y.float().unflatten(1, (frames, -1)) * gate).flatten(1, 2)
 
         y = self.self_attn(modulate(self.norm1(x), mod[0], mod[1]), layer, cache, plan, rope)
         x = x + gated(y, mod[2])
-        x = x + self.cross_attn(self.norm3(x), text_k, text_v)
+        x = x + self.cross_attn(self.norm3(x).to(dtype), text_k, text_v).float()
         y = self.ffn(modulate(self.norm2(x), mod[3], mod[4]))
         return x + gated(y, mod[5])
 
@@ -238,10 +274,11 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """fp32 throughout, as Wan2.1's autocast(float32) region around the head."""
         frames = e.shape[1]
-        shift, scale = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
+        shift, scale = (self.modulation.float().unsqueeze(1) + e.unsqueeze(2)).chunk(2, dim=2)
         h = self.norm(x).unflatten(1, (frames, -1)) * (1 + scale) + shift
-        return self.head(h.flatten(1, 2))
+        return _fp32_linear(self.head, h.flatten(1, 2))
 
 
 class CausalWanModel(nn.Module):
@@ -260,6 +297,25 @@ class CausalWanModel(nn.Module):
         self.head = Head(cfg)
         self._rope: Rope | None = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype of the big linears (the fp32 islands aside)."""
+        return self.patch_embedding.weight.dtype
+
+    def cast(self, dtype: torch.dtype) -> CausalWanModel:
+        """Cast to a compute dtype, keeping the fp32 islands (FP32_PARAMETERS) in fp32."""
+        self.to(dtype)
+        for name, param in self.named_parameters():
+            if keeps_fp32(name):
+                param.data = param.data.float()
+        return self
+
+    def embed_time(self, t: torch.Tensor) -> torch.Tensor:
+        """Time embedding e [N, dim] of timesteps t [N] (0..1000 scale), in fp32."""
+        s = sinusoidal_embedding(self.cfg.freq_dim, t).float()
+        first, _, second = self.time_embedding
+        return _fp32_linear(second, F.silu(_fp32_linear(first, s)))
+
     def rope(self) -> Rope:
         """The RoPE tables on the model's device (built on first use, never in the state dict)."""
         device = self.patch_embedding.weight.device
@@ -268,26 +324,35 @@ class CausalWanModel(nn.Module):
             self._rope = Rope(cfg.head_dim, cfg.rope_max_frames, cfg.grid, device)
         return self._rope
 
-    def encode_text(self, prompt_embeds: torch.Tensor, cache: CrossCache) -> None:
+    def encode_text(self, prompt_embeds: torch.Tensor, cache: CrossCache,
+                    on_layer: Callable[[], None] | None = None) -> None:
         """Embed a prompt ([B, text_len, text_dim], zero past its tokens) and fill every layer's text K/V."""
-        dtype = self.patch_embedding.weight.dtype
-        context = self.text_embedding(prompt_embeds.to(dtype))
+        context = self.text_embedding(prompt_embeds.to(self.dtype))
         for i, block in enumerate(self.blocks):
             k, v = block.cross_attn.text_kv(context)
             cache.store(i, k, v)
+            if on_layer is not None:
+                on_layer()
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cache: KVCache, plan: SelfAttnPlan,
-                text: CrossCache) -> torch.Tensor:
-        """Flow prediction for latents x [B, C, F, H, W] at per-frame timesteps t [B, F]."""
+                text: CrossCache, on_layer: Callable[[], None] | None = None) -> torch.Tensor:
+        """Flow prediction (fp32) for latents x [B, C, F, H, W] at per-frame timesteps t [B, F].
+
+        `on_layer` runs after each layer: a liveness signal that a slow pass (the 1.3B model on
+        a CPU takes seconds) is still moving.
+        """
         cfg = self.cfg
         _, _, frames, height, width = x.shape
-        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
-        e = self.time_embedding(sinusoidal_embedding(cfg.freq_dim, t.flatten()).type_as(tokens))
-        e0 = self.time_projection(e).unflatten(1, (6, cfg.dim)).unflatten(0, t.shape)
+        # The residual stream is fp32 (Wan2.1 adds the gated branches under autocast(float32)).
+        tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()
+        e = self.embed_time(t.flatten())
+        e0 = _fp32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim)).unflatten(0, t.shape)
         rope = self.rope()
         for i, block in enumerate(self.blocks):
             text_k, text_v = text.get(i)
             tokens = block(tokens, e0, i, cache, plan, rope, text_k, text_v)
+            if on_layer is not None:
+                on_layer()
         out = self.head(tokens, e.unflatten(0, t.shape))
         return self.unpatchify(out, frames, height, width)
 

@@ -4,8 +4,10 @@ Spawned (never forked: CUDA). Prompt switches and re-anchors arrive on a pipe an
 applied only between blocks, which is where the engine interface allows them.
 
 Control messages: ("switch", seq, prompt[, reanchor]), ("reanchor",), ("prepare", prompt),
-("stop",). Events: ("ready", info), ("applied", seq, block, t),
-("block", block, frames, recaches, reanchors, drift), ("error", message, traceback).
+("stop",). Events: ("phase", "loading", progress) while weights load (engine.progress),
+("phase", "warmup" | "compiling", info) once loaded, ("ready", info) when the stream has
+started, ("applied", seq, block, t), ("block", block, frames, recaches, reanchors, drift)
+(the first one ends the warm-up), ("error", message, traceback).
 """
 
 from __future__ import annotations
@@ -81,7 +83,16 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
     ring.beat()
     control = _Control(control_conn)
     try:
-        engine = create_engine(spec.backend, spec.settings)
+        events.send(("phase", "loading", None))
+        if spec.backend != "preview":
+            import torch  # noqa: F401  (seconds on a busy machine: a step of the load, so report it)
+
+            events.send(("phase", "loading", None))
+        engine = create_engine(spec.backend, spec.settings,
+                               report=lambda progress: events.send(("phase", "loading", progress)),
+                               heartbeat=ring.beat)
+        warmup = "compiling" if spec.settings.compile and spec.backend != "preview" else "warmup"
+        events.send(("phase", warmup, {"load_seconds": getattr(engine, "load_seconds", None)}))
         engine.start(spec.prompt, spec.seed)
         events.send(("ready", {"backend": spec.backend, "pid": os.getpid(), "fps": engine.fps,
                                "width": engine.width, "height": engine.height}))

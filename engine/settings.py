@@ -28,10 +28,22 @@ class EngineSettings(BaseModel):
         12, ge=2, le=240, description="depth of the shared-memory frame ring (about one block)"
     )
     heartbeat_timeout_s: float = Field(
-        10.0, gt=0, description="an engine silent this long after its first block is restarted"
+        10.0, gt=0,
+        description="running phase: an engine silent this long after its first block is restarted",
     )
     startup_timeout_s: float = Field(
-        120.0, gt=0, description="time an engine may take to load and make its first block"
+        120.0, gt=0,
+        description="loading phase: an engine whose load reports no progress for this long is restarted",
+    )
+    load_max_mb_s: float | None = Field(
+        None, gt=0,
+        description="cap the weight-loading rate (MB/s) so a channel starting on a shared host leaves "
+                    "disk bandwidth to the running ones; default: as fast as the disk goes",
+    )
+    warmup_timeout_s: float | None = Field(
+        None, gt=0,
+        description="warm-up phase (load done -> first block, compile included): its limit; "
+                    "default 300 s, 1200 s with compile: true",
     )
     max_restart_backoff_s: float = Field(30.0, gt=0)
     # LongLive backend
@@ -54,8 +66,20 @@ class EngineSettings(BaseModel):
     text_encoder_device: Literal["gpu", "cpu"] = Field(
         "gpu", description="gpu: UMT5 resident (11.4 GB, fast switches); cpu: saves GPU memory",
     )
+    text_encoder_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="dtype UMT5 is loaded and run in; auto: the model dtype on the GPU, fp32 on the CPU "
+                            "(22.7 GB of host memory for UMT5-XXL; bf16 halves it)",
+    )
     merge_lora: bool = True
     compile: bool = Field(False, description="torch.compile the DiT (slower start, faster blocks)")
+
+    @property
+    def effective_warmup_timeout_s(self) -> float:
+        """The warm-up limit in force (compiling takes minutes, so its default is longer)."""
+        if self.warmup_timeout_s is not None:
+            return self.warmup_timeout_s
+        return 1200.0 if self.compile else 300.0
 
     @model_validator(mode="after")
     def _valid_steps(self) -> EngineSettings:

@@ -24,7 +24,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.checkpoints import CheckpointError, check_state_dict, read_checkpoint
+from engine.progress import LoadProgress
 
 __all__ = [
     "PRESETS",
@@ -244,8 +245,9 @@ class UMT5Encoder(nn.Module):
         self.blocks = nn.ModuleList(T5Block(cfg) for _ in range(cfg.num_layers))
         self.norm = T5RMSNorm(cfg.dim, cfg.eps)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [B, L] int; mask [B, L] (1 = token, 0 = padding) or None for no padding."""
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                on_layer: Callable[[], None] | None = None) -> torch.Tensor:
+        """ids [B, L] int; mask [B, L] (1 = token, 0 = padding) or None; `on_layer` runs after each layer."""
         b, length = ids.shape
         x = self.token_embedding(ids)
         if mask is None:
@@ -259,6 +261,8 @@ class UMT5Encoder(nn.Module):
             pos = shared if shared is not None else block.pos_embedding(buckets)
             bias = pos.to(x.dtype).expand(b, -1, -1, -1).masked_fill(padded_key, fill)
             x = block(x, bias)
+            if on_layer is not None:
+                on_layer()  # an XXL encode on a CPU takes many seconds: show it is moving
         x = self.norm(x)
         # LongLive zeroes every row from the real token count on (EOS is a real token).
         count = mask.gt(0).sum(dim=1)
@@ -267,7 +271,7 @@ class UMT5Encoder(nn.Module):
 
 
 def load_umt5(path: str | Path, cfg: UMT5Config | str = "umt5-xxl", device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.bfloat16) -> UMT5Encoder:
+              dtype: torch.dtype = torch.bfloat16, progress: LoadProgress | None = None) -> UMT5Encoder:
     """Build the encoder on the meta device and assign the checkpoint's tensors.
 
     Reads Wan's `models_t5_umt5-xxl-enc-bf16.pth` (a plain state dict, memory-mapped) or a
@@ -287,7 +291,16 @@ def load_umt5(path: str | Path, cfg: UMT5Config | str = "umt5-xxl", device: str 
     if bad:
         raise CheckpointError(f"{path}: not a dict of tensors (entries {', '.join(bad[:8])})")
     check_state_dict(raw, expected, path)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in raw.items()}
+    state = {}
+    for key in list(raw):
+        # Popped as converted, so a cast never holds the file's copy and the new one at once.
+        tensor = raw.pop(key)
+        state[key] = tensor.to(device=device, dtype=dtype)
+        if progress is not None:
+            progress.advance(path, tensor.numel() * tensor.element_size())
+        del tensor
+    if progress is not None:
+        progress.finish(path)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -397,6 +410,11 @@ class PromptTokenizer:
 PLACEMENTS = ("gpu", "cpu")
 
 
+def default_encoder_dtype(placement: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype UMT5 runs in for a placement: the model dtype on the GPU, fp32 on the CPU."""
+    return dtype if placement == "gpu" else torch.float32
+
+
 class TextEncoder:
     """Prompt -> embedding [1, text_len, dim] on `device`/`dtype`, with an LRU cache.
 
@@ -405,14 +423,17 @@ class TextEncoder:
     model (`model_calls` counts the runs). Returned tensors are shared: do not modify them.
     They are inference tensors, so an in-place write outside inference mode raises.
 
-    placement "gpu": the encoder stays resident on `device` in `dtype` (11.4 GB bf16 for
-    UMT5-XXL). "cpu": the encoder stays on the CPU (in `dtype`); only the result is moved.
+    placement "gpu": the encoder stays resident on `device` (11.4 GB bf16 for UMT5-XXL).
+    "cpu": the encoder stays on the CPU; only the result is moved to `device` and cast to
+    `dtype`. The encoder runs in the dtype it was loaded in (`load_umt5`): it is never
+    converted here, so no second copy of a 23 GB model is ever made.
     Thread-safe: one lock serialises cache access and model runs, so `prepare()` can run on
     another thread.
     """
 
     def __init__(self, encoder: UMT5Encoder, tokenizer: PromptTokenizer, device: str | torch.device = "cuda",
-                 dtype: torch.dtype = torch.bfloat16, cache_size: int = 64, placement: str = "gpu"):
+                 dtype: torch.dtype = torch.bfloat16, cache_size: int = 64, placement: str = "gpu",
+                 on_layer: Callable[[], None] | None = None):
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         if cache_size < 0:
@@ -428,8 +449,14 @@ class TextEncoder:
         self.placement = placement
         self.cache_size = cache_size
         self.tokenizer = tokenizer
-        self.encoder = encoder.to(device=self.device if placement == "gpu" else "cpu", dtype=dtype)
-        self.encoder.eval().requires_grad_(False)
+        home = self.device if placement == "gpu" else torch.device("cpu")
+        weight = encoder.token_embedding.weight
+        if weight.device != home:
+            raise ValueError(f"placement {placement!r} needs the encoder on {home}, "
+                             f"it is on {weight.device}; "
+                             "load it there (load_umt5(device=...))")
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.on_layer = on_layer
         self.model_calls = 0
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
@@ -437,13 +464,22 @@ class TextEncoder:
     @classmethod
     def from_files(cls, weights: str | Path, tokenizer_dir: str | Path, cfg: UMT5Config | str = "umt5-xxl", *,
                    device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
-                   placement: str = "gpu", cache_size: int = 64) -> TextEncoder:
-        """Load the checkpoint straight onto its final device/dtype and the tokenizer folder."""
+                   placement: str = "gpu", cache_size: int = 64, encoder_dtype: torch.dtype | None = None,
+                   progress: LoadProgress | None = None,
+                   on_layer: Callable[[], None] | None = None) -> TextEncoder:
+        """Load the checkpoint straight onto its final device and run dtype, and the tokenizer folder.
+
+        `encoder_dtype` is the dtype the encoder runs in: by default `dtype` on the GPU and fp32
+        on the CPU (CPUs without bf16 units are slower and less exact in bf16).
+        """
         cfg = _config(cfg)
         home = device if placement == "gpu" else "cpu"
-        encoder = load_umt5(weights, cfg, device=home, dtype=dtype)
+        run_dtype = encoder_dtype or default_encoder_dtype(placement, dtype)
+        encoder = load_umt5(weights, cfg, device=home, dtype=run_dtype,
+                            progress=progress)
         tokenizer = PromptTokenizer.from_dir(tokenizer_dir, text_len=cfg.text_len)
-        return cls(encoder, tokenizer, device=device, dtype=dtype, cache_size=cache_size, placement=placement)
+        return cls(encoder, tokenizer, device=device, dtype=dtype, cache_size=cache_size, placement=placement,
+                   on_layer=on_layer)
 
     @property
     def dim(self) -> int:
@@ -487,7 +523,7 @@ class TextEncoder:
         ids, mask = self.tokenizer(prompt)
         home = self.encoder.token_embedding.weight.device
         with torch.inference_mode():
-            out = self.encoder(ids.to(home), mask.to(home))
+            out = self.encoder(ids.to(home), mask.to(home), on_layer=self.on_layer)
             out = out.to(device=self.device, dtype=self.dtype)
         self.model_calls += 1
         return out

@@ -14,6 +14,7 @@ later latent gives 4. See docs/vae.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.checkpoints import CheckpointError, check_state_dict, read_checkpoint
+from engine.progress import LoadProgress
 
 # Per-channel statistics of Wan2.1's latent space (hard-coded in Wan and LongLive, not in the file).
 # The DiT works on (z - mean) / std; the decoder needs z back.
@@ -247,13 +249,14 @@ class Decoder3d(nn.Module):
                 module.slot = self.num_cache_slots
                 self.num_cache_slots += 1
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """[B, z_dim, 1, h, w] (after `conv2`) -> [B, 3, 1 or 4, 8h, 8w]."""
+    def forward(self, x: torch.Tensor, cache: Cache | None = None,
+                on_layer: Callable[[], None] | None = None) -> torch.Tensor:
+        """[B, z_dim, 1, h, w] (after `conv2`) -> [B, 3, 1 or 4, 8h, 8w]; `on_layer` after each block."""
         x = self.conv1(x, cache)
-        for block in self.middle:
+        for block in (*self.middle, *self.upsamples):
             x = block(x, cache)
-        for block in self.upsamples:
-            x = block(x, cache)
+            if on_layer is not None:
+                on_layer()  # the engine's heartbeat: a full-size decode on a CPU takes seconds
         return self.head[2](F.silu(self.head[0](x), inplace=True), cache)
 
 
@@ -270,10 +273,11 @@ class WanVAEDecoder(nn.Module):
         """An empty feature cache (one slot per causal conv with temporal context)."""
         return [None] * self.decoder.num_cache_slots
 
-    def forward(self, z: torch.Tensor, cache: Cache) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, cache: Cache,
+                on_layer: Callable[[], None] | None = None) -> torch.Tensor:
         """Un-normalised latents [B, z_dim, F, h, w] -> pixels [B, 3, T, 8h, 8w] (not clamped)."""
         x = self.conv2(z)
-        outs = [self.decoder(x[:, :, i:i + 1], cache) for i in range(x.shape[2])]
+        outs = [self.decoder(x[:, :, i:i + 1], cache, on_layer) for i in range(x.shape[2])]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
@@ -294,8 +298,10 @@ class StreamingDecoder:
     video gives 4F - 3 pixel frames, later blocks 4F. `reset()` before a new video.
     """
 
-    def __init__(self, decoder: WanVAEDecoder):
+    def __init__(self, decoder: WanVAEDecoder, on_layer: Callable[[], None] | None = None):
+        """`on_layer` is called after every decoder block (the engine's heartbeat)."""
         self.decoder = decoder
+        self.on_layer = on_layer
         self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset()
 
@@ -326,7 +332,7 @@ class StreamingDecoder:
         if self.latents_decoded and latents.shape[0] != self.cache_batch:
             raise ValueError(f"batch {latents.shape[0]} != {self.cache_batch} of the cached video; "
                              "reset() first")
-        out = self.decoder(self._unnormalise(latents), self.cache)
+        out = self.decoder(self._unnormalise(latents), self.cache, self.on_layer)
         self.latents_decoded += latents.shape[1]
         self.cache_batch = latents.shape[0]
         return out.float().clamp_(-1.0, 1.0).transpose(1, 2)
@@ -368,7 +374,8 @@ def _read_pth(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_vae_decoder(path: str | Path, cfg: VAEConfig = PRESETS["wan2.1"], device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> WanVAEDecoder:
+                     dtype: torch.dtype = torch.float32,
+                     progress: LoadProgress | None = None) -> WanVAEDecoder:
     """The decoder of a Wan VAE checkpoint (`Wan2.1_VAE.pth` layout), built on meta and assigned.
 
     Encoder keys (`encoder.*`, `conv1.*`) are skipped; every other key must be exactly a decoder
@@ -381,6 +388,12 @@ def load_vae_decoder(path: str | Path, cfg: VAEConfig = PRESETS["wan2.1"], devic
     check_state_dict(state, decoder_shapes(cfg), path)
     with torch.device("meta"):
         model = WanVAEDecoder(cfg)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
-                          strict=True, assign=True)
+    loaded = {}
+    for key, tensor in state.items():
+        loaded[key] = tensor.to(device=device, dtype=dtype)
+        if progress is not None:
+            progress.advance(path, tensor.numel() * tensor.element_size())
+    if progress is not None:
+        progress.finish(path)
+    model.load_state_dict(loaded, strict=True, assign=True)
     return model.eval().requires_grad_(False)

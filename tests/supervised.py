@@ -19,11 +19,12 @@ from engine.settings import EngineSettings
 
 
 @contextmanager
-def supervised_preview(settings: EngineSettings) -> Iterator[tuple[EngineSupervisor, Metrics]]:
-    """A supervisor over a preview engine; frames are read and dropped (an engine waits on a full ring)."""
+def supervised_preview(settings: EngineSettings,
+                       backend: str = "preview") -> Iterator[tuple[EngineSupervisor, Metrics]]:
+    """A supervisor over an engine (preview unless told); frames are read and dropped (a full ring waits)."""
     ring = FrameRing.create(settings.width, settings.height, 24)
     metrics = Metrics()
-    supervisor = EngineSupervisor(settings, "preview", ring, metrics, SwitchTracker(metrics))
+    supervisor = EngineSupervisor(settings, backend, ring, metrics, SwitchTracker(metrics))
     stop = threading.Event()
 
     def drain() -> None:

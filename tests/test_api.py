@@ -277,12 +277,15 @@ async def test_pause_resume_skip_ban_and_approve(make_client):
     assert await steering.store.banned()
 
 
-async def test_chat_lines_go_to_the_local_source(make_client):
+async def test_chat_lines_are_handled_before_the_answer(make_client):
     client = await make_client()
+    steering = client.runtime.steering
     response = await client.post("/api/chat?login=alice&role=moderator", json={"text": "!skip"}, headers=AUTH)
     assert response.status == 202
-    event = client.runtime.local._queue.get_nowait()
-    assert (event.login, event.text, event.is_moderator) == ("alice", "!skip", True)
+    assert steering.skip_requested  # a moderator command from alice, acted on before 202
+    said = await client.post("/api/chat?login=bob", json={"text": "!prompt a quiet harbour"}, headers=AUTH)
+    assert said.status == 202
+    assert [(s.login, s.raw) for s in await steering.store.suggestions()] == [("bob", "a quiet harbour")]
 
 
 # --- OpenAPI ------------------------------------------------------------------------------------
@@ -425,7 +428,7 @@ async def test_events_send_a_heartbeat_when_nothing_changes(make_client, monkeyp
 
 
 async def test_many_event_clients_share_one_reader_and_leave_cleanly(make_client):
-    client = await make_client(rate_per_s=0)  # 60 connections at once from one address
+    client = await make_client(rate_per_s=0, events_per_client=100)  # 60 at once from one address
     feed = client.app[API].feed
     reads = 0
     original = feed._read

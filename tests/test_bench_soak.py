@@ -79,3 +79,15 @@ def test_a_short_soak_runs_the_real_channel_and_writes_every_sample(tmp_path):
     assert set(parts) == {"engine", "muxer-rec", "muxer-hls"} and all(float(v) > 0 for v in parts.values())
     assert "verdict: memory" in text and "machine:" in text
     assert list((tmp_path / "rec").glob("*.timeline.jsonl"))
+
+
+@pytest.mark.servers
+def test_a_soak_with_faults_measures_each_and_loses_nothing_answered(tmp_path):
+    text = bench_soak(minutes=0.4, sample_s=2.0, switch_s=0, out_dir=str(tmp_path), faults=True,
+                      fault_every_s=3.0)
+
+    table = text.split("| fault |", 1)[1]
+    rows = [line for line in table.splitlines()[2:] if line.startswith("| ")]
+    assert rows and rows[0].startswith("| engine SIGKILL | 1 | 5 | 5 | 0 |"), text
+    assert "NOT RECOVERED" not in table
+    assert "nothing answered 202 missing afterwards; all recovered" in text

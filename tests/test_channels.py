@@ -37,7 +37,7 @@ QUEUE = {"mode": "queue", "queue": {"min_play_seconds": 600}}
 
 def _post(channel: Channel, path: str, body: dict | None = None) -> None:
     request = urllib.request.Request(channel.url(path), data=json.dumps(body or {}).encode(), method="POST",
-                                     headers={"Authorization": "Bearer test-token",
+                                     headers={"Authorization": "Bearer test-token-0123456789",
                                               "Content-Type": "application/json"})
     urllib.request.urlopen(request, timeout=5).read()
 
@@ -47,7 +47,7 @@ def _say(channel: Channel, login: str, text: str) -> None:
 
 
 def _state(channel: Channel) -> dict:
-    return json.loads(channel.get("/api/state", token="test-token"))["steering"]
+    return json.loads(channel.get("/api/state", token="test-token-0123456789"))["steering"]
 
 
 def _tally(channel: Channel) -> list[int]:

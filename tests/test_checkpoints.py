@@ -31,7 +31,7 @@ from engine.checkpoints import (
     read_lora,
 )
 from engine.generator import StreamingGenerator
-from engine.model import PRESETS, CausalWanModel, parameter_count
+from engine.model import PRESETS, CausalWanModel, keeps_fp32, parameter_count
 
 DATA = Path(__file__).parent / "data"
 KEYS_JSON = DATA / "wan2.1-t2v-1.3b-dit-keys.json"
@@ -192,12 +192,17 @@ def test_generator_ema_alone_is_refused_without_use_ema(tmp_path, state):
         read_dit_state_dict(path)
 
 
-def test_loaded_model_is_ready_for_inference_in_the_requested_dtype(base_pt):
+def test_loaded_model_is_ready_for_inference_in_the_requested_dtype_with_fp32_islands(base_pt):
     model = load_dit(TINY, base_pt, dtype=torch.bfloat16)
     assert not model.training
-    tensors = [*model.parameters(), *model.buffers()]
-    assert tensors and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
-    assert not any(t.requires_grad for t in tensors)
+    named = dict(model.named_parameters())
+    assert named and all(t.device.type == "cpu" and not t.requires_grad for t in named.values())
+    islands = {k for k, t in named.items() if t.dtype == torch.float32}
+    assert islands == {k for k in named if keeps_fp32(k)}
+    assert {"time_embedding.0.weight", "blocks.0.modulation", "blocks.1.norm3.weight",
+            "head.head.bias"} <= islands
+    assert all(t.dtype == torch.bfloat16 for k, t in named.items() if k not in islands)
+    assert named["blocks.0.self_attn.q.weight"].dtype == torch.bfloat16
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc/self/maps")

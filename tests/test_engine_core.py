@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ from engine.generator import NoiseSource, StreamConfig, StreamingGenerator
 from engine.model import PRESETS, CausalWanModel, Rope
 from engine.sampler import FlowMatchSchedule, SamplerConfig
 
+ROOT = Path(__file__).parent.parent
 GOLDEN = Path(__file__).parent / "data" / "longlive-tiny"
 TINY = PRESETS["tiny"]
 
@@ -290,9 +295,18 @@ def test_geometry_follows_the_latent_size():
     assert cfg.with_latent_size(40, 72).frame_seq_length == 720  # 320x576
 
 
-def test_gpu_check_script_runs_its_pipeline_on_the_cpu_at_tiny_size(capsys):
-    from engine.gpu_check import main
-
-    assert main(["--device", "cpu", "--size", "tiny", "--blocks", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "DiT + VAE" in out and "recache" in out
+def test_gpu_check_engine_mode_reports_load_first_block_fps_and_switches_on_the_cpu(tmp_path):
+    # The script a GPU host runs, rehearsed at the tiny size: real files, real loaders, real loop.
+    result = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--mode", "engine", "--device", "cpu", "--size", "tiny",
+         "--no-compile",
+         "--blocks", "3", "--switches", "2", "--out", str(tmp_path), "--weights", str(tmp_path / "w")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    eager = report["eager"]
+    assert report["load_s"] > 0 and eager["first_block_s"] > 0 and eager["steady_fps_with_vae"] > 0
+    assert eager["switches"] == 2 and 0 < eager["switch_p50_s"] <= eager["switch_p95_s"]
+    assert (tmp_path / "w" / "LongLive-1.3B" / "models" / "lora.pt").is_file()
+    table = (tmp_path / "gpu-check.md").read_text()
+    assert "steady FPS with VAE decode" in table and "prompt switch p50 / p95" in table

@@ -17,7 +17,7 @@ from engine.settings import EngineSettings
 from engine.weights import WeightPaths, check_weights
 from tests.channel import Channel
 from tests.servers import free_port, probe_streams, wait_until
-from tests.tiny_weights import HEIGHT, WIDTH, write_tiny_weights
+from tests.tiny_weights import HEIGHT, WIDTH, write_full_arch_weights, write_tiny_weights
 
 
 @pytest.fixture
@@ -156,3 +156,29 @@ def test_service_streams_longlive_to_rtmp_and_a_switch_recaches(tmp_path, weight
     assert (streams["video"]["width"], streams["video"]["height"]) == (WIDTH, HEIGHT)
     assert metrics["promptcast_recaches_total"] == 1
     assert metrics["promptcast_switch_latency_seconds_count"] == 1
+
+
+@pytest.mark.servers
+@pytest.mark.timeout(1200)  # about 3 minutes on a quiet 2-core machine (docs/testing.md)
+def test_the_1_3b_architecture_in_bf16_streams_and_switches_with_default_timeouts(tmp_path, nginx_rtmp):
+    # What a GPU host runs (bf16, the full 30 x 1536 DiT, a multi-GB load), rehearsed on the CPU at
+    # 64x64 with one denoising step: each DiT pass takes seconds here, far past nothing but the
+    # default heartbeat if the engine only beat per block.
+    weights = write_full_arch_weights(tmp_path / "weights")
+    config = {
+        "channel": "full",
+        "engine": {"backend": "longlive", "width": 64, "height": 64, "weights_dir": str(weights.root),
+                   "device": "cpu", "dtype": "bf16", "steps": [1000], "prompt": "a red fire in the night"},
+        "encoder": {"preset": "ultrafast", "video_bitrate_kbps": 200, "threads": 1},
+        "outputs": [{"kind": "rtmp", "url": nginx_rtmp.url("full")}],
+    }
+    with Channel(tmp_path, config) as channel:
+        wait_until(lambda: channel.health()["engine"]["block"] >= 1, 600, message=channel.logs())
+        wait_until(lambda: nginx_rtmp.is_publishing("full"), 60, message=channel.logs())
+        channel.post_prompt("a deep blue ocean under snow")
+        wait_until(lambda: channel.metrics().get("promptcast_prompt_switches_total", 0) >= 1, 600,
+                   message=channel.logs())
+        health, metrics = channel.health(), channel.metrics()
+    assert health["engine"]["restarts"] == 0, channel.logs()
+    assert health["engine"]["load_progress"]["bytes"] > 2.8e9
+    assert metrics["promptcast_recaches_total"] == 1

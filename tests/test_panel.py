@@ -30,7 +30,7 @@ expect = playwright_sync.expect
 CHROMIUM = os.environ.get("PROMPTCAST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
                  "--disable-component-update", "--disable-sync"]
-TOKEN = "test-token"
+TOKEN = "test-token-0123456789"
 DOC_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 DOC_SHOTS = os.environ.get("PROMPTCAST_DOC_SCREENSHOTS") == "1"
 VIEWPORT = {"width": 1280, "height": 720}

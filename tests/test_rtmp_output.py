@@ -83,7 +83,9 @@ def test_stalled_rtmp_server_is_recycled_by_the_watchdog_while_other_outputs_flo
             frames = frames_output(channel)
 
     assert worst < 1.0
-    assert health["status"] == "ok"
+    # Frames flow (200), but the stuck output is named: degraded, not ok.
+    assert health["status"] == "degraded"
+    assert [r.split(":")[0] for r in health["degraded"]] == ["output stuck down"]
     assert metrics['promptcast_output_watchdog_kills_total{output="stuck"}'] >= 1
     assert hole.connections >= 2  # recycled muxers connect again
     assert segments_after > segments_before

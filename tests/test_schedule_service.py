@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import urllib.error
@@ -21,12 +22,12 @@ def programme(prompt: str) -> dict:
 
 
 def on_air(channel: Channel) -> str:
-    return json.loads(channel.get("/api/state", token="test-token"))["prompt_on_air"]
+    return json.loads(channel.get("/api/state", token="test-token-0123456789"))["prompt_on_air"]
 
 
 def post(channel: Channel, path: str) -> tuple[int, dict]:
     request = urllib.request.Request(channel.url(path), method="POST", data=b"",
-                                     headers={"Authorization": "Bearer test-token"})
+                                     headers={"Authorization": "Bearer test-token-0123456789"})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
@@ -52,7 +53,7 @@ def test_the_programme_plays_and_a_sighup_swaps_it_without_restarting_the_stream
         channel.process.send_signal(signal.SIGHUP)
 
         wait_until(lambda: on_air(channel) == "a paper boat on a rainy street", 20, message=channel.logs())
-        schedule = json.loads(channel.get("/api/schedule", token="test-token"))
+        schedule = json.loads(channel.get("/api/schedule", token="test-token-0123456789"))
         health = channel.health()
         metrics = channel.metrics()
         assert health["engine"]["pid"] == pid and health["engine"]["restarts"] == 0
@@ -70,7 +71,7 @@ def test_a_broken_schedule_is_refused_by_the_reload_api_with_its_line_and_the_pr
         rewrite(channel, "schedule:\n  timezone: Europe/Berln\n")
 
         status, answer = post(channel, "/api/schedule/reload")
-        schedule = json.loads(channel.get("/api/schedule", token="test-token"))
+        schedule = json.loads(channel.get("/api/schedule", token="test-token-0123456789"))
 
     assert status == 422 and answer["reloaded"] is False
     assert any("schedule.timezone" in p and "Europe/Berln" in p and p.startswith("line ")
@@ -106,7 +107,7 @@ def test_schedule_reload_on_the_embedded_config_is_refused_as_a_conflict(tmp_pat
     from broadcaster.service import Service
     from broadcaster.settings import Settings
 
-    ok, problems = Service(Settings()).reload_schedule()
+    ok, problems = asyncio.run(Service(Settings()).reload_schedule())
 
     assert not ok and "no file to re-read" in problems[0]
 

@@ -31,14 +31,14 @@ def test_sigterm_ends_the_recording_on_a_complete_gop(tmp_path):
 
 
 def _queue_texts(channel: Channel) -> list[str]:
-    state = json.loads(channel.get("/api/state", token="test-token"))
+    state = json.loads(channel.get("/api/state", token="test-token-0123456789"))
     return [q["text"] for q in state["steering"]["queue"]]
 
 
 def _chat(channel: Channel, text: str, login: str) -> None:
     request = urllib.request.Request(channel.url(f"/api/chat?login={login}"), method="POST",
                                      data=json.dumps({"text": text}).encode(),
-                                     headers={"Authorization": "Bearer test-token",
+                                     headers={"Authorization": "Bearer test-token-0123456789",
                                               "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=5) as response:
         assert response.status == 202

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.servers
 
 def _post(channel: Channel, path: str, body: dict) -> dict:
     request = urllib.request.Request(channel.url(path), data=json.dumps(body).encode(), method="POST",
-                                     headers={"Authorization": "Bearer test-token",
+                                     headers={"Authorization": "Bearer test-token-0123456789",
                                               "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=5) as response:
         return json.loads(response.read())
@@ -27,7 +27,7 @@ def _say(channel: Channel, login: str, text: str, role: str = "viewer") -> None:
 
 
 def _state(channel: Channel) -> dict:
-    return json.loads(channel.get("/api/state", token="test-token"))
+    return json.loads(channel.get("/api/state", token="test-token-0123456789"))
 
 
 def _on_air(channel: Channel) -> str:

@@ -61,13 +61,13 @@ async def test_a_thousand_viewers_voting_repeatedly_count_once_each_and_one_winn
 
 def _post(channel: Channel, path: str, body: dict | None = None) -> None:
     request = urllib.request.Request(channel.url(path), data=json.dumps(body or {}).encode(), method="POST",
-                                     headers={"Authorization": "Bearer test-token",
+                                     headers={"Authorization": "Bearer test-token-0123456789",
                                               "Content-Type": "application/json"})
     urllib.request.urlopen(request, timeout=5).read()
 
 
 def _state(channel: Channel) -> dict:
-    return json.loads(channel.get("/api/state", token="test-token"))["steering"]
+    return json.loads(channel.get("/api/state", token="test-token-0123456789"))["steering"]
 
 
 def _config(tmp_path, redis: RedisServer) -> dict:

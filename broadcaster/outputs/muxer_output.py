@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing as mp
 import queue
+import shutil
 import threading
 import time
 from fractions import Fraction
@@ -32,6 +34,16 @@ log = logging.getLogger(__name__)
 _STOP = object()
 _CTX = mp.get_context("spawn")
 STABLE_SECONDS = 30.0  # a connection that lasted this long resets the backoff
+DISK_POLL_S = 2.0
+RESUME_FREE_BYTES = 64 * 1024 * 1024  # (or a quarter of a smaller file system) before a recording resumes
+
+
+def _has_room(directory: str) -> bool:
+    try:
+        usage = shutil.disk_usage(directory)
+    except OSError:
+        return True  # gone or unreadable: let the muxer try and say why
+    return usage.free >= min(RESUME_FREE_BYTES, usage.total // 4)
 
 
 class MuxerOutput:
@@ -65,6 +77,7 @@ class MuxerOutput:
         self.last_error = ""
         self.files: list[str] = []
         self.planned_reconnects = 0
+        self.disk_full = False
         # Recordings only: the prompt timeline written beside each file.
         self.timeline: RecordingTimeline | None = RecordingTimeline() if target.kind == "record" else None
         self._rate = ByteRate()
@@ -108,9 +121,27 @@ class MuxerOutput:
                     break
             first = False
             started = time.monotonic()
-            await self._run_once()
+            try:
+                await self._run_once()
+            except Exception as exc:  # no pipe, no thread, no process (fds or memory run out): retry
+                self._set_connected(False)
+                self.last_error = f"could not start the muxer: {type(exc).__name__}: {exc}"
+                log.warning("output %s: %s", self.name, self.last_error)
+            if self.disk_full:
+                await self._wait_for_space()
             if time.monotonic() - started > STABLE_SECONDS:
                 self.backoff.reset()
+
+    async def _wait_for_space(self) -> None:
+        """A full disk pauses the recording (no new empty file per retry) until space returns."""
+        log.error("output %s: disk full at %s; recording paused until space returns (%s)", self.name,
+                  self.target.destination, self.last_error)
+        while not self._closing and not _has_room(self.target.destination):
+            await self._sleep_unless_closing(DISK_POLL_S)
+        self.disk_full = False
+        if not self._closing:
+            log.info("output %s: disk space is back; recording resumes", self.name)
+            self.backoff.reset()
 
     async def _sleep_unless_closing(self, delay: float) -> None:
         end = time.monotonic() + delay
@@ -118,26 +149,40 @@ class MuxerOutput:
             await asyncio.sleep(min(0.1, end - time.monotonic()))
 
     async def _run_once(self) -> None:
-        heartbeat = _CTX.Array("d", 4, lock=False)
-        packets_read, packets_write = _CTX.Pipe(duplex=False)
-        events_read, events_write = _CTX.Pipe(duplex=False)
-        process = _CTX.Process(
-            target=run_muxer,
-            args=(self.target, self.template, self.time_bases, packets_read, heartbeat, events_write),
-            name=f"muxer-{self.name}",
-            daemon=True,
-        )
-        heartbeat[BEAT] = time.monotonic()
-        process.start()
-        packets_read.close()
-        events_write.close()
-        self.process, self._heartbeat = process, heartbeat
-        self._drain_queue()
-        self._need_keyframe = True
-        self._accepting = True
-        writer = threading.Thread(target=self._write_loop, args=(packets_write,), daemon=True,
-                                  name=f"writer-{self.name}")
-        writer.start()
+        with contextlib.ExitStack() as opened:
+            # Whatever was opened before a failure (EMFILE in the second pipe...) is closed again.
+            heartbeat = _CTX.Array("d", 4, lock=False)
+            packets_read, packets_write = _CTX.Pipe(duplex=False)
+            opened.callback(packets_read.close)
+            opened.callback(packets_write.close)
+            events_read, events_write = _CTX.Pipe(duplex=False)
+            opened.callback(events_read.close)
+            opened.callback(events_write.close)
+            process = _CTX.Process(
+                target=run_muxer,
+                args=(self.target, self.template, self.time_bases, packets_read, heartbeat, events_write),
+                name=f"muxer-{self.name}",
+                daemon=True,
+            )
+            heartbeat[BEAT] = time.monotonic()
+            process.start()
+            packets_read.close()
+            events_write.close()
+            writer = threading.Thread(target=self._write_loop, args=(packets_write,), daemon=True,
+                                      name=f"writer-{self.name}")
+            try:
+                self.process, self._heartbeat = process, heartbeat
+                self._drain_queue()
+                self._need_keyframe = True
+                self._accepting = True
+                writer.start()
+            except BaseException:
+                self._accepting = False
+                process.kill()
+                raise
+            await self._supervise(process, heartbeat, writer, packets_write, events_read)
+
+    async def _supervise(self, process, heartbeat, writer, packets_write, events_read) -> None:
         log.info("output %s: muxer pid %d -> %s", self.name, process.pid, self.shown_destination)
         try:
             while process.is_alive():
@@ -162,7 +207,7 @@ class MuxerOutput:
             self._set_connected(False)
             self._drain_queue()
             self._queue.put_nowait(_STOP)
-            writer.join(timeout=2)
+            await asyncio.to_thread(writer.join, 2)  # never on the event loop: the pipe may be stuck
             packets_write.close()
             events_read.close()
             if process.exitcode not in (0, None) and not self._closing and not self.last_error:
@@ -231,6 +276,8 @@ class MuxerOutput:
                     self.timeline.file_finished(detail)
                 elif kind == "error":
                     self.last_error = detail
+                elif kind == "disk_full":
+                    self.last_error, self.disk_full = detail, True
         except (EOFError, OSError):
             return
 
@@ -263,6 +310,7 @@ class MuxerOutput:
             "last_error": self.last_error,
             "heartbeat_age_s": round(time.monotonic() - hb[BEAT], 2) if hb is not None else None,
             "alive": bool(hb is not None and hb[CONNECTED] and self.connected),
+            "disk_full": self.disk_full,
         }
 
     async def close(self) -> None:

@@ -7,6 +7,8 @@ process; the parent watches `heartbeat` and kills a muxer that stops beating.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import logging
 import os
@@ -55,11 +57,18 @@ class _Destination:
         self.target = target
         source = av.open(io.BytesIO(template), "r", format="matroska")
         self.path = self._path()
-        self.container = av.open(self.path, "w", format=target.format, options=dict(target.options))
-        self.streams = [
-            self.container.add_stream_from_template(source.streams.video[0]),
-            self.container.add_stream_from_template(source.streams.audio[0]),
-        ]
+        try:
+            self.container = av.open(self.path, "w", format=target.format, options=dict(target.options))
+            self.streams = [
+                self.container.add_stream_from_template(source.streams.video[0]),
+                self.container.add_stream_from_template(source.streams.audio[0]),
+            ]
+        except BaseException:
+            if target.kind == "record":  # never leave an empty file behind (a full disk retries often)
+                with contextlib.suppress(OSError):
+                    if os.path.getsize(self.path) == 0:
+                        os.unlink(self.path)
+            raise
         self.time_bases = time_bases  # of the packets as encoded (the template's are Matroska's)
         source.close()
         # Media time of the first keyframe written: timestamps start at zero there. A planned
@@ -105,6 +114,16 @@ class _Destination:
     def media_seconds(self, packet: EncodedPacket, time_base) -> float:
         """Seconds since this destination's first packet."""
         return float(packet.dts * time_base) - (self.first_seconds or 0.0)
+
+    def discard_if_empty(self) -> None:
+        """After a failure (a full disk): close what can be closed; a recording with no media goes."""
+        with contextlib.suppress(OSError, av.FFmpegError, ValueError):
+            self.container.close()
+        if self.target.kind == "record":
+            path = Path(self.path)
+            with contextlib.suppress(OSError):
+                if self.first_seconds is None or path.stat().st_size == 0:
+                    path.unlink()
 
     def close(self) -> None:
         """Write the trailer (a playable file) and close; a recording that got no packet is removed."""
@@ -174,10 +193,12 @@ def run_muxer(target: MuxTarget, template: bytes, time_bases: tuple[Fraction, Fr
             dest.close()
     except (OSError, av.FFmpegError, ValueError) as exc:
         heartbeat[CONNECTED] = 0
+        if dest is not None:
+            dest.discard_if_empty()
         try:
             message = f"{type(exc).__name__}: {exc}"
             message = message.replace(target.destination, redact_url(target.destination))
-            events.send(("error", message))
+            events.send(("disk_full" if getattr(exc, "errno", None) == errno.ENOSPC else "error", message))
         except OSError:
             pass
         os._exit(EXIT_DESTINATION_FAILED)

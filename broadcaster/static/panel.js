@@ -349,7 +349,8 @@ function renderHealth(health) {
   const pacer = health.pacer || {};
   const rows = [
     ["backend", engine.backend],
-    ["state", engine.state],
+    // "loading: loading weights 7.2 / 14.1 GB (...)", "warmup: making the first block (12s)", "running"
+    ["state", engine.phase && engine.phase !== engine.state ? `${engine.state}: ${engine.phase}` : engine.state],
     ["generation", engine.generation_fps !== undefined ? `${engine.generation_fps} fps` : undefined],
     ["output clock", pacer.fps !== undefined ? `${pacer.fps} fps, ${pacer.frames_repeated ?? 0} repeated` : undefined],
     ["restarts", engine.restarts],

@@ -34,10 +34,11 @@ class LocalSource:
         self._running = False
         self._messages = 0
 
-    async def say(self, login: str, text: str, roles: Iterable[Role] = frozenset({Role.BROADCASTER}), *,
-                  user_id: str | None = None, display_name: str | None = None) -> ChatEvent:
-        """Queue one message as if `login` had typed it; returns the event that `run` will emit."""
-        event = ChatEvent(
+    def event(self, login: str, text: str, roles: Iterable[Role] = frozenset({Role.BROADCASTER}), *,
+              user_id: str | None = None, display_name: str | None = None) -> ChatEvent:
+        """The event for one message as if `login` had typed it (counted as received)."""
+        self._messages += 1
+        return ChatEvent(
             source=self.name,
             message_id=uuid.uuid4().hex,
             user_id=user_id or f"{self.name}:{login}",
@@ -47,15 +48,23 @@ class LocalSource:
             time=time.time(),
             roles=frozenset(roles) or frozenset({Role.VIEWER}),
         )
+
+    async def say(self, login: str, text: str, roles: Iterable[Role] = frozenset({Role.BROADCASTER}), *,
+                  user_id: str | None = None, display_name: str | None = None) -> ChatEvent:
+        """Queue one message as if `login` had typed it; returns the event that `run` will emit."""
+        event = self.event(login, text, roles, user_id=user_id, display_name=display_name)
         self._queue.put_nowait(event)
         return event
+
+    def reply_to(self, event: ChatEvent) -> str | None:
+        """The last reply given to `event`, if any (what the control API shows the sender)."""
+        return next((text for text, to in reversed(self.replies) if to == event.message_id), None)
 
     async def run(self, emit: Emit) -> None:
         self._running = True
         try:
             while True:
                 event = await self._queue.get()
-                self._messages += 1
                 try:
                     await emit(event)
                 except Exception:  # a consumer bug must not stop the source
