@@ -118,8 +118,10 @@ def test_the_service_carries_on_after_redis_restarts(tmp_path):
         wait_until(lambda: _try_state(channel) is not None, 20, message=channel.logs())
         _post(channel, "/api/chat?login=bob", {"text": "!prompt a blue whale in the sea"})
         wait_until(lambda: (_state(channel)["round"] or {}).get("options"), 15, message=channel.logs())
+        # ok once every part is: the engine may still be loading on a busy machine (not the store's doing)
+        wait_until(lambda: channel.health()["status"] == "ok", 30, message=channel.logs())
         health = channel.health()
-    assert health["status"] == "ok"
+    assert health["status"] == "ok" and not health["degraded"]
 
 
 def _try_state(channel: Channel) -> dict | None:
