@@ -8,7 +8,7 @@ carried them was written: "acknowledged" always means "stored".
 
 With `max_in_flight` > 1 a second batch may be written while the first is still on its way, so the
 store and this process work at the same time. Batches in flight may then finish in any order, so a
-call is held back while an earlier call sharing one of its `keys` (a user, a message id) is not written
+call is held back while an earlier call sharing one of its `keys` (a voter) is not written
 yet: calls that share a key are written in submission order, the others in any order.
 """
 

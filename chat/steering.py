@@ -438,10 +438,11 @@ class Steering:
         }
 
 
-def _intake_keys(pair: tuple[Intake, bool]) -> tuple[tuple[str, ...], ...]:
-    """What orders intakes: a message id (its repeat is the duplicate) and a voter (the last vote counts)."""
+def _intake_keys(pair: tuple[Intake, bool]) -> tuple[str, ...]:
+    """What orders intakes: a voter's votes (the last one counts). Nothing else needs an order: of two
+    deliveries of one message, whichever is stored first is the one, and they are the same."""
     intake = pair[0]
-    return ("message", intake.source, intake.message_id), ("user", intake.user_id)
+    return () if intake.option is None else (intake.user_id,)
 
 
 def _prompt_dict(prompt: QueuedPrompt) -> dict:
