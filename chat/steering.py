@@ -35,6 +35,8 @@ from chat.store import SteeringStore, StoreUnavailable
 log = logging.getLogger(__name__)
 
 STEERING_OFF = "chat steering is off during this programme"
+SHORT_TEXT, PARSED_MAX = 24, 4096  # parses of texts up to this long are remembered, this many at most
+_UNPARSED = object()
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Steering:
         self._last_queued_by: dict[str, float] = {}
         self._prepared: set[str] = set()
         self.redemptions = Redemptions(settings.redemptions.expire_minutes * 60)
+        self._parsed: dict[tuple[str, bool], Command | Refusal | None] = {}  # see _parse
         # Two batches on the wire at once: the store works on one while this process prepares the next.
         self._intake: Batcher[tuple[Intake, bool], tuple[Ingested, list[str]]] = Batcher(
             self._ingest, max_in_flight=2, keys=_intake_keys)
@@ -104,8 +107,7 @@ class Steering:
         commands, intakes = [], []
         last_counts, now = self.settings.vote.last_vote_counts, self.clock()
         for event in events:
-            command = None if event.reward_id else parse_command(
-                event, self.settings.commands, vote_options=self.settings.vote.options)
+            command = None if event.reward_id else self._parse(event)
             option = command.option if isinstance(command, VoteCommand) and self.chat_enabled else None
             suggests = bool(event.reward_id) or isinstance(command, PromptCommand)
             commands.append(command)
@@ -157,6 +159,20 @@ class Steering:
         elif isinstance(command, BanPromptCommand):
             await self.ban(command.text)
             await self._reply(event, "prompt banned", "moderator")
+
+    def _parse(self, event: ChatEvent) -> Command | Refusal | None:
+        """`parse_command`, remembered for short texts: a busy chat repeats "!vote 2" thousands of times."""
+        text = event.text
+        if not isinstance(text, str) or len(text) > SHORT_TEXT:
+            return parse_command(event, self.settings.commands, vote_options=self.settings.vote.options)
+        key = (text, event.is_moderator)  # the only parts of the event parsing reads
+        found = self._parsed.get(key, _UNPARSED)
+        if found is _UNPARSED:
+            found = parse_command(event, self.settings.commands, vote_options=self.settings.vote.options)
+            if len(self._parsed) >= PARSED_MAX:
+                self._parsed.clear()
+            self._parsed[key] = found
+        return found  # type: ignore[return-value]
 
     def _redeemed_text(self, event: ChatEvent) -> str:
         """A redemption's input, less a `!prompt` viewers type out of habit (`!prompt` alone: empty)."""

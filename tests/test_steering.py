@@ -284,3 +284,17 @@ async def test_a_batch_of_events_is_handled_in_order_with_one_store_step():
     assert ("dave", "not accepted: choose an option from 1 to 2") in said
     assert [s.raw for s in await steering.store.suggestions()] == ["a green forest"]
     assert steering._intake.batches == 3  # the two setup prompts and the batch: one store step each
+
+
+async def test_a_remembered_parse_still_tells_moderators_from_viewers():
+    said: list[tuple[str, str]] = []
+
+    async def reply(event, text):
+        said.append((event.login, text))
+
+    steering, _ = _steering(hooks=SteeringHooks(reply=reply))
+    viewer = frozenset({Role.VIEWER})
+    for login, roles in (("viewer1", viewer), ("mod", MOD), ("viewer2", viewer)):
+        await steering.handle(_event(login, "!pause", roles=roles))
+    assert said == [("viewer1", "not accepted: !pause is for moderators"), ("mod", "steering paused"),
+                    ("viewer2", "not accepted: !pause is for moderators")]
