@@ -34,18 +34,22 @@ def _timed(dev: torch.device, fn) -> tuple[object, float]:
 
 
 def _run(model, cfg, dev: torch.device, chosen: tuple[int, ...], blocks: int, compile_mode: str | None,
-         decoder: StreamingDecoder) -> dict:
+         decoder: StreamingDecoder | None) -> dict:
     """Time `blocks` blocks (DiT, then VAE decode) and one recache for one way of running the step."""
     gen = StreamingGenerator(model, SamplerConfig(denoising_steps=chosen), StreamConfig(rope_mode="relative"),
                              compile_mode=compile_mode)
     prompt = torch.randn(1, cfg.text_len, cfg.text_dim, device=dev)
     gen.start(prompt, seed=0)
-    decoder.reset()
+    if decoder is not None:
+        decoder.reset()
     dit, vae = [], []
     for _ in range(blocks):
         latents, seconds = _timed(dev, gen.next_block)
         dit.append(seconds)
-        vae.append(_timed(dev, lambda latents=latents: decoder.decode_block(latents))[1])
+        if decoder is not None:
+            vae.append(_timed(dev, lambda latents=latents: decoder.decode_block(latents))[1])
+        else:
+            vae.append(0.0)
     _, recache_s = _timed(dev, lambda: gen.recache(torch.randn_like(prompt)))
     steady = slice(min(4, blocks - 1), None)  # once the window is full (4 blocks of 3 in 12 frames)
     return {"dit": dit, "vae": vae, "recache_ms": recache_s * 1000, "frame": gen.frame,
@@ -56,12 +60,13 @@ def _run(model, cfg, dev: torch.device, chosen: tuple[int, ...], blocks: int, co
 
 def bench_engine(size: str = "tiny", blocks: int = 8, steps: int = 4, dtype: str = "fp32",
                  compile_model: bool = False, device: str | None = None, width: int | None = None,
-                 height: int | None = None) -> str:
+                 height: int | None = None, vae: bool | None = None) -> str:
     """Time blocks and a recache; report ms/block (DiT, VAE), FPS and peak memory; with `compile_model`
     eager and compiled in the same run, with the compile time, graph breaks and recompiles.
 
     `width`/`height` (pixels, multiples of 16) run the preset's architecture at another frame
-    size, e.g. the full 1.3B model at 64x64 on a CPU.
+    size, e.g. the full 1.3B model at 64x64 on a CPU. `vae` (default: on, except for the full
+    Wan VAE on a CPU, minutes per block there) adds the VAE decode to the timings.
     """
     cfg = PRESETS[size]
     if width is not None or height is not None:
@@ -74,7 +79,9 @@ def bench_engine(size: str = "tiny", blocks: int = 8, steps: int = 4, dtype: str
     torch.manual_seed(0)
     model = random_dit(cfg, dev, torch_dtype)  # built in its dtype: no fp32 copy of 5.7 GB
     vae_cfg = VAE_PRESETS["wan2.1" if size == "1.3b" else "tiny"]
-    decoder = StreamingDecoder(random_vae_decoder(vae_cfg, dev, torch_dtype))
+    if vae is None:
+        vae = dev.type == "cuda" or size != "1.3b"
+    decoder = StreamingDecoder(random_vae_decoder(vae_cfg, dev, torch_dtype)) if vae else None
     all_steps = (1000, 750, 500, 250)
     chosen = all_steps[:: max(1, len(all_steps) // steps)][:steps] if steps <= 4 else all_steps
     if dev.type == "cuda":
@@ -115,11 +122,13 @@ def bench_engine(size: str = "tiny", blocks: int = 8, steps: int = 4, dtype: str
             f"graph breaks: {breaks}",
             f"recompiles after warm-up: {max(0, graphs - 1)} ({graphs} graph compiled)",
         ]
+    vae_text = f"VAE decode {best['steady_vae_ms']:.1f} ms" if vae else "VAE decode not run (--vae runs it)"
     lines += [
-        f"time per steady block: DiT {best['steady_ms']:.1f} ms + VAE decode {best['steady_vae_ms']:.1f} ms; "
+        f"time per steady block: DiT {best['steady_ms']:.1f} ms + {vae_text}; "
         f"recache (window of {min(cfg.local_attn_size, best['frame'])} frames) {best['recache_ms']:.1f} ms",
-        f"FPS (pixel frames, 12 per block): DiT only {fps_steady:.2f}, with VAE decode {fps_vae:.2f} "
-        f"(reference LongLive 1.0: {REFERENCE_FPS_H100} FPS on H100 bf16)",
+        f"FPS (pixel frames, 12 per block): DiT only {fps_steady:.2f}"
+        + (f", with VAE decode {fps_vae:.2f}" if vae else "")
+        + f" (reference LongLive 1.0: {REFERENCE_FPS_H100} FPS on H100 bf16)",
         f"peak memory: {peak}",
         "not included: text encoding (a prepared prompt costs none at the switch)",
     ]
@@ -138,10 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--vae", action=argparse.BooleanOptionalAction, default=None,
+                        help="time the VAE decode too (default: yes, except the full VAE on a CPU)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and args.device != "cpu"
     print(bench_engine(args.size, args.blocks, args.steps, args.dtype or ("bf16" if cuda else "fp32"),
-                       args.compile, args.device, args.width, args.height))
+                       args.compile, args.device, args.width, args.height, args.vae))
     return 0
 
 
