@@ -1,0 +1,128 @@
+"""The Wan2.2-TI2V-5B DiT as LongLive 2.0 runs it (docs/engine-longlive2.md).
+
+The block structure, key names and dtype policy are those of Wan2.1 (`engine.model`):
+adaLN-6, RMS q/k norm, 3-axis RoPE, per-frame timestep, 2x2 patch. What changes is the
+shape (48 latent channels, dim 3072, 24 heads) and the streaming geometry (8-frame blocks,
+a 32-frame window, an 8-frame sink), so 2.0 reuses `CausalWanModel` with its own presets.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from engine.model import CausalWanModel, ModelConfig, Rope
+
+VAE_STRIDE = 16  # pixels per latent along H and W: the Wan2.2 VAE's 2x2 patchify and three 2x upsamples
+PATCH = 2  # DiT patch (h, w)
+PIXEL_MULTIPLE = VAE_STRIDE * PATCH  # frame sizes must be multiples of 32
+DEFAULT_WIDTH, DEFAULT_HEIGHT = 1280, 704
+
+_GEOMETRY = dict(in_dim=48, out_dim=48, num_frame_per_block=8, local_attn_size=32, sink_size=8)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Wan2.2-TI2V-5B at 1280x704 (latent 44x80, 880 tokens per frame): 4,999,787,712 parameters.
+    "5b": ModelConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30,
+                      latent_height=DEFAULT_HEIGHT // VAE_STRIDE, latent_width=DEFAULT_WIDTH // VAE_STRIDE,
+                      **_GEOMETRY),
+    # The golden-vector size (tests/data/longlive2-tiny/config.json): latent 4x6, 6 tokens per frame.
+    "tiny": ModelConfig(dim=64, ffn_dim=128, text_dim=32, text_len=16, num_heads=2, num_layers=2,
+                        latent_height=4, latent_width=6, **_GEOMETRY),
+}
+
+
+def at_size(cfg: ModelConfig, width: int, height: int) -> ModelConfig:
+    """The same model for frames of width x height pixels (multiples of 32: VAE 16 x patch 2)."""
+    if width <= 0 or height <= 0 or width % PIXEL_MULTIPLE or height % PIXEL_MULTIPLE:
+        raise ValueError(f"LongLive 2.0 frame size must be positive multiples of {PIXEL_MULTIPLE} "
+                         f"(VAE stride {VAE_STRIDE} x patch {PATCH}), got {width}x{height}")
+    return cfg.with_latent_size(height // VAE_STRIDE, width // VAE_STRIDE)
+
+
+class ShotRope(Rope):
+    """Wan's RoPE tables with the temporal table grown on demand.
+
+    2.0 positions are the absolute latent frame plus the multi-shot offset (8 per shot cut),
+    so a live stream passes the reference's 1024-row table after ~170 s. The reference then
+    computes angles analytically, (position + offset) x frequency in fp64; a longer table built
+    the same way gives the same angles without a host computation per pass.
+    """
+
+    def angles(self, first_frame: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for `frames` frames from temporal position `first_frame` (any position >= 0)."""
+        if first_frame + frames > self.max_frames:
+            device = self.tables[0][0].device
+            grow = max(2 * self.max_frames, first_frame + frames)
+            head_dim = 2 * sum(t[0].shape[1] for t in self.tables)
+            self.__init__(head_dim, grow, self.grid, device)
+        return super().angles(first_frame, frames)
+
+
+# TorchAO float8 is applied to the block linears only, as LongLive 2.0's utils/fp8.py does:
+# the six embedding/projection/head linears stay bf16 (300 FP8 linears in the 5B model).
+FP8_EXCLUDED = re.compile(r"^(text_embedding\.[02]|time_embedding\.[02]|time_projection\.1|head\.head)$")
+
+
+def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Fill every parameter in place (no fp32 copy): weights randn/sqrt(fan_in), biases 0.1 randn, norms ~1.
+
+    The scheme of the golden vectors: O(1) activations, so timings see realistic attention.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # Drawn on the CPU (the generator's device), in the parameter's dtype, one tensor at a time.
+            sample = torch.empty(param.shape, dtype=param.dtype)
+            sample.normal_(generator=generator)
+            if name.endswith("modulation"):
+                sample.div_(math.sqrt(param.shape[-1]))
+            elif "norm" in name:
+                sample.mul_(0.1).add_(1.0)
+            elif name.endswith("bias"):
+                sample.mul_(0.1)
+            else:
+                sample.div_(math.sqrt(param[0].numel()))  # fan in: all but the output dimension
+            param.copy_(sample)
+    return model
+
+
+def build_random(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype,
+                 seed: int = 0) -> CausalWanModel:
+    """The DiT with random weights, allocated directly in `dtype` (fp32 islands kept): peak = one model."""
+    with torch.device("meta"):
+        model = CausalWanModel(cfg).cast(dtype)
+    model.to_empty(device=device)
+    return init_random_(model, seed).eval().requires_grad_(False)
+
+
+def fp8_blocker(device: torch.device | str) -> str | None:
+    """Why the FP8 (TorchAO float8 W8A8) path cannot run here, or None."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return (f"FP8 needs CUDA (TorchAO float8 kernels, compute capability >= 8.9, as upstream "
+                f"LongLive 2.0 validated on H100); this engine runs on {device.type}: use dtype bf16")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return f"FP8 needs compute capability >= 8.9 (Ada/Hopper); this GPU is {major}.{minor}: use bf16"
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        return "FP8 needs the torchao package (pip install torchao); not installed"
+    return None
+
+
+def quantize_fp8(model: CausalWanModel) -> CausalWanModel:
+    """TorchAO float8 dynamic-activation/weight, per row, on the block linears (upstream's FP8 recipe)."""
+    blocker = fp8_blocker(model.patch_embedding.weight.device)
+    if blocker:
+        raise RuntimeError(blocker)
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    def wanted(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and FP8_EXCLUDED.match(name) is None
+
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=wanted)
+    return model
