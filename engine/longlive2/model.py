@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
+from pathlib import Path
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.model import CausalWanModel, ModelConfig, Rope
@@ -42,6 +46,16 @@ def at_size(cfg: ModelConfig, width: int, height: int) -> ModelConfig:
     return cfg.with_latent_size(height // VAE_STRIDE, width // VAE_STRIDE)
 
 
+def config_from_ti2v_json(path: str | Path, width: int = DEFAULT_WIDTH, height: int = DEFAULT_HEIGHT,
+                          block: int = 8, window: int = 32, sink: int = 8) -> ModelConfig:
+    """The DiT config from Wan2.2-TI2V-5B's `config.json` (model_type ti2v), with 2.0's streaming geometry."""
+    from engine.checkpoints import config_from_wan_json
+
+    cfg = config_from_wan_json(path, model_type="ti2v")
+    cfg = replace(cfg, num_frame_per_block=block, local_attn_size=window, sink_size=sink)
+    return at_size(cfg, width, height)
+
+
 class ShotRope(Rope):
     """Wan's RoPE tables with the temporal table grown on demand.
 
@@ -66,27 +80,72 @@ class ShotRope(Rope):
 FP8_EXCLUDED = re.compile(r"^(text_embedding\.[02]|time_embedding\.[02]|time_projection\.1|head\.head)$")
 
 
-def init_random_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fill every parameter in place (no fp32 copy): weights randn/sqrt(fan_in), biases 0.1 randn, norms ~1.
+def init_random_(model: nn.Module, seed: int = 0, period: int = 1_000_003) -> nn.Module:
+    """Fill every parameter in place, in its own dtype (no fp32 copy of the model).
 
-    The scheme of the golden vectors: O(1) activations, so timings see realistic attention.
+    Weights ~ N(0, 1/fan_in), biases ~ N(0, 0.01), norm gains ~ 1 + N(0, 0.01), modulations ~
+    N(0, 1/dim): O(1) activations, so timings see realistic attention. Drawing 5e9 normals takes
+    minutes on a small CPU, so one prime-length normal sequence is tiled over each tensor (from a
+    per-tensor offset): rows are shifted copies, never equal, and the fill is a memory copy.
     """
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    base = torch.randn(period, generator=generator)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            # Drawn on the CPU (the generator's device), in the parameter's dtype, one tensor at a time.
-            sample = torch.empty(param.shape, dtype=param.dtype)
-            sample.normal_(generator=generator)
+        for i, (name, param) in enumerate(model.named_parameters()):
             if name.endswith("modulation"):
-                sample.div_(math.sqrt(param.shape[-1]))
+                scale, shift = 1 / math.sqrt(param.shape[-1]), 0.0
             elif "norm" in name:
-                sample.mul_(0.1).add_(1.0)
+                scale, shift = 0.1, 1.0
             elif name.endswith("bias"):
-                sample.mul_(0.1)
+                scale, shift = 0.1, 0.0
             else:
-                sample.div_(math.sqrt(param[0].numel()))  # fan in: all but the output dimension
-            param.copy_(sample)
+                scale, shift = 1 / math.sqrt(param[0].numel()), 0.0  # fan in: all but the output dimension
+            offset = (i * 7919) % period
+            pattern = torch.roll(base, -offset).mul_(scale).add_(shift).to(param.device, param.dtype)
+            flat = param.view(-1)
+            for start in range(0, flat.numel(), period):
+                chunk = flat[start:start + period]
+                chunk.copy_(pattern[:chunk.numel()])
     return model
+
+
+class UpcastLinear(nn.Linear):
+    """A Linear whose half-precision weights are multiplied in fp32, one weight at a time.
+
+    On CPUs without native bf16 (AVX2 only), PyTorch's bf16 GEMM is several times slower than
+    upcasting the weight and running fp32; the stored weights stay bf16 (same memory, same keys),
+    products accumulate in fp32 as a bf16 GEMM does, and the output is rounded back.
+    """
+
+    # One fp32 buffer per weight shape, reused: a fresh 176 MB upcast per call would be returned
+    # to the OS and page-faulted back every time (most of a pass's time on a small CPU).
+    _scratch: ClassVar[dict[tuple[int, ...], torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = tuple(self.weight.shape)
+        weight = self._scratch.get(shape)
+        if weight is None:
+            weight = self._scratch[shape] = torch.empty(shape, dtype=torch.float32)
+        weight.copy_(self.weight)
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), weight, bias).to(x.dtype)
+
+
+def needs_upcast(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """True for half-precision weights on a CPU without AVX-512 (no native bf16/fp16 GEMM)."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    cpu = torch.device(device).type == "cpu"
+    return half and cpu and "AVX512" not in torch.backends.cpu.get_cpu_capability()
+
+
+def upcast_cpu_linears_(model: nn.Module) -> int:
+    """Switch half-precision CPU Linears to `UpcastLinear` where that is faster; returns how many."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and needs_upcast(module.weight.device, module.weight.dtype):
+            module.__class__ = UpcastLinear
+            count += 1
+    return count
 
 
 def build_random(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype,
@@ -95,7 +154,9 @@ def build_random(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtyp
     with torch.device("meta"):
         model = CausalWanModel(cfg).cast(dtype)
     model.to_empty(device=device)
-    return init_random_(model, seed).eval().requires_grad_(False)
+    init_random_(model, seed)
+    upcast_cpu_linears_(model)
+    return model.eval().requires_grad_(False)
 
 
 def fp8_blocker(device: torch.device | str) -> str | None:
