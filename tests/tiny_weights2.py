@@ -15,6 +15,8 @@ from engine.longlive2.vae import vae_shapes
 from engine.weights import WeightPaths2
 
 DATA = Path(__file__).parent / "data"
+# The golden vectors' tiny generator (tests/test_longlive2_engine.py checks it against the reference).
+TINY_GENERATOR = next(DATA.glob("longlive2*/model_tiny_fp32.pt"))
 
 
 def random_state(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
@@ -43,7 +45,7 @@ def write_tiny_vae22(path: Path, seed: int = 0) -> Path:
 def copy_tiny_generator(path: Path) -> Path:
     """The golden tiny generator in LongLive 2.0's `model_bf16.pt` layout ({"generator": {"model.*"}})."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(DATA / "longlive2-tiny" / "model_tiny_fp32.pt", path)
+    shutil.copy(TINY_GENERATOR, path)
     return path
 
 
