@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from engine.backends import BackendUnavailable, choose_backend, create_engine
 from engine.longlive2.backend import LongLive2Engine
-from engine.longlive2.model import PRESETS, build_random, fp8_blocker, quantize_fp8
+from engine.longlive2.model import PRESETS, build_random, fp8_blocker, fp8_targets, quantize_fp8
+from engine.model import CausalWanModel
 from engine.settings import EngineSettings
 from engine.weights import WeightPaths2, check_weights
 from tests.channel import Channel
@@ -94,6 +95,13 @@ def test_fp8_is_refused_off_cuda_with_the_reason(weights):
         quantize_fp8(build_random(PRESETS["tiny"], "cpu", torch.bfloat16))
 
 
+def test_fp8_targets_the_300_block_linears_as_upstream():
+    with torch.device("meta"):
+        model = CausalWanModel(PRESETS["5b"])
+    targets = fp8_targets(model)
+    assert len(targets) == 300 and all(t.startswith("blocks.") for t in targets)
+
+
 def test_explicit_longlive2_without_weights_names_the_download(tmp_path):
     with pytest.raises(BackendUnavailable, match="download-weights --model longlive2"):
         choose_backend(EngineSettings(backend="longlive2", weights_dir=tmp_path / "none"))
@@ -151,6 +159,24 @@ def test_service_streams_longlive2_from_an_image_with_both_switch_kinds_and_no_r
     assert (streams["video"]["width"], streams["video"]["height"]) == (WIDTH2, HEIGHT2)
     assert metrics["promptcast_recaches_total"] == 1
     assert sum(v for k, v in metrics.items() if k.startswith("promptcast_engine_restarts")) == 0
+
+
+def test_download_weights_longlive2_plans_its_own_repositories(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from engine.weights import download_weights
+
+    asked = []
+
+    def unreachable(repo_id, **kw):
+        asked.append((repo_id, tuple(kw["allow_patterns"])))
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    said = []
+    assert download_weights(tmp_path, say=said.append, model="longlive2") == 3
+    assert asked == [("Efficient-Large-Model/LongLive-2.0-5B", ("model_bf16.pt",))]
+    assert "cannot reach the Hugging Face Hub for Efficient-Large-Model/LongLive-2.0-5B" in said[0]
 
 
 def test_gpu_check_smoke_runs_on_the_cpu_at_tiny_size(capsys):

@@ -182,8 +182,13 @@ def quantize_fp8(model: CausalWanModel) -> CausalWanModel:
         raise RuntimeError(blocker)
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    def wanted(module: nn.Module, name: str) -> bool:
-        return isinstance(module, nn.Linear) and FP8_EXCLUDED.match(name) is None
-
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=wanted)
+    targets = set(fp8_targets(model))
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda module, name: name in targets)
     return model
+
+
+def fp8_targets(model: nn.Module) -> list[str]:
+    """The Linears the FP8 path quantizes: every Linear but the six embedding/projection/head ones."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and FP8_EXCLUDED.match(name) is None]
