@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from engine.checkpoints import CheckpointError
 from engine.longlive2.vae import (
@@ -14,7 +15,7 @@ from engine.longlive2.vae import (
     unpatchify,
     vae_shapes,
 )
-from tests.tiny_weights2 import write_tiny_vae22
+from tests.tiny_weights2 import DATA, write_tiny_vae22
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +23,17 @@ def vae(tmp_path_factory):
     path = write_tiny_vae22(tmp_path_factory.mktemp("vae22") / "Wan2.2_VAE.pth")
     decoder, encoder = load_vae22(path)
     return path, decoder, encoder
+
+
+def test_decoder_and_encoder_match_the_upstream_wan22_vae(vae):
+    _, decoder, encoder = vae
+    inputs = load_file(DATA / "wan22-vae-tiny" / "inputs.safetensors")
+    expected = load_file(DATA / "wan22-vae-tiny" / "expected.safetensors")
+    with torch.no_grad():
+        pixels = decoder(inputs["z"], decoder.new_cache())  # one call: the reference's whole-video decode
+        mu = encoder.encode_pixels(inputs["image"])
+    assert (pixels - expected["pixels"]).abs().max() < 1e-4
+    assert (mu - expected["mu"]).abs().max() < 1e-4
 
 
 def test_the_full_size_vae_has_wan22s_layout():

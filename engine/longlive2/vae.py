@@ -300,13 +300,16 @@ class Wan22ImageEncoder(nn.Module):
         self.encoder = Encoder22(cfg)
         self.conv1 = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1)
 
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, 3, 1, H, W] in [-1, 1] -> the posterior mean [B, 48, 1, H/16, W/16] (not normalised)."""
+        return self.conv1(self.encoder(patchify(x)))[:, :self.cfg.z_dim]
+
     @torch.inference_mode()
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 RGB [H, W, 3] (H, W multiples of 16) -> normalised latent [1, 1, 48, H/16, W/16]."""
         param = self.conv1.weight
         x = image.to(param.device).permute(2, 0, 1).unsqueeze(0).unsqueeze(2).to(param.dtype)
-        x = x / 127.5 - 1.0
-        mu = self.conv1(self.encoder(patchify(x)))[:, :self.cfg.z_dim]
+        mu = self.encode_pixels(x / 127.5 - 1.0)
         mean = torch.tensor(LATENT_MEAN, device=mu.device, dtype=mu.dtype).view(1, -1, 1, 1, 1)
         std = torch.tensor(LATENT_STD, device=mu.device, dtype=mu.dtype).view(1, -1, 1, 1, 1)
         return ((mu - mean) * (1.0 / std)).transpose(1, 2)
