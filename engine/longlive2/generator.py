@@ -160,9 +160,9 @@ class ShotGenerator:
     def recache(self) -> None:
         """Re-encode every cached block after the global sink under the current prompt (block-causal, t=0).
 
-        Each block keeps its buffer slots and its RoPE positions; it sees the sink and the blocks
-        before it, exactly as when it was generated. The global sink keeps the first prompt
-        (as 1.0 with global_sink: true).
+        Each block keeps its buffer slots and its RoPE positions and sees the sink and the blocks
+        before it in the buffer (as when it was generated, less what a roll has since evicted).
+        The global sink keeps the first prompt (as 1.0 with global_sink: true).
         """
         cfg = self.cfg
         bt = cfg.num_frame_per_block * cfg.frame_seq_length
