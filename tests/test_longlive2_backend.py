@@ -182,7 +182,8 @@ def test_download_weights_longlive2_plans_its_own_repositories(tmp_path, monkeyp
 def test_gpu_check_smoke_runs_on_the_cpu_at_tiny_size(capsys):
     from engine.longlive2.gpu_check import main
 
-    assert main(["--device", "cpu", "--size", "tiny", "--blocks", "4"]) == 0
+    args = ["--device", "cpu", "--size", "tiny", "--blocks", "4", "--width", "64", "--height", "32"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "shot cut at 2" in out and "DiT + VAE" in out and "FPS" in out
 
