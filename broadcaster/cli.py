@@ -120,9 +120,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from engine.bench import bench_engine
 
     dtype = args.dtype or ("bf16" if torch.cuda.is_available() and args.device != "cpu" else "fp32")
+    if args.model == "longlive2":
+        from engine.longlive2.bench import bench_longlive2
+
+        print(bench_longlive2(size=args.size, blocks=args.blocks, steps=args.steps, dtype=dtype,
+                              compile_model=args.compile, device=args.device, width=args.width,
+                              height=args.height))
+        return 0
+    if args.size not in ("tiny", "small", "1.3b"):
+        raise SystemExit(f"--size {args.size} is a longlive2 preset; add --model longlive2")
     print(bench_engine(size=args.size, blocks=args.blocks, steps=args.steps, dtype=dtype,
-                       compile_model=args.compile, device=args.device, width=args.width, height=args.height,
-                       model=args.model))
+                       compile_model=args.compile, device=args.device, width=args.width, height=args.height))
     return 0
 
 

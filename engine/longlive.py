@@ -16,7 +16,6 @@ import torch
 
 from engine.checkpoints import config_from_wan_json, load_dit, read_checkpoint
 from engine.generator import StreamConfig, StreamingGenerator
-from engine.model import ModelConfig
 from engine.progress import LoadProgress, Report
 from engine.sampler import SamplerConfig
 from engine.settings import EngineSettings
@@ -47,22 +46,6 @@ def resolve_device(settings: EngineSettings) -> tuple[torch.device, torch.dtype]
     return device, DTYPES[settings.dtype]
 
 
-def load_text_encoder(settings: EngineSettings, paths: WeightPaths, cfg: ModelConfig, device: torch.device,
-                      dtype: torch.dtype, progress: LoadProgress) -> TextEncoder:
-    """UMT5 + tokenizer from a weights directory, checked against the DiT's text width."""
-    t5_state = read_checkpoint(paths.text_encoder)  # memory-mapped: only the shapes are read
-    t5_cfg = UMT5Config.from_state_dict(t5_state, text_len=cfg.text_len)
-    del t5_state
-    if t5_cfg.dim != cfg.text_dim:
-        raise ValueError(f"{paths.text_encoder}: encoder width {t5_cfg.dim} "
-                         f"!= DiT text_dim {cfg.text_dim}")
-    placement = settings.text_encoder_device
-    return TextEncoder.from_files(
-        paths.text_encoder, paths.tokenizer, t5_cfg, device=device, dtype=dtype,
-        placement=placement,
-        encoder_dtype=text_encoder_dtype(settings, placement, dtype), progress=progress)
-
-
 class LongLiveEngine:
     """LongLive 1.0 behind the engine interface (product.md)."""
 
@@ -88,8 +71,17 @@ class LongLiveEngine:
                          drift_threshold=settings.reanchor_drift_threshold,
                          reanchor_every_blocks=settings.reanchor_every_blocks),
             on_layer=None if settings.compile else heartbeat)  # a callback inside a compiled graph breaks it
+        t5_state = read_checkpoint(paths.text_encoder)  # memory-mapped: only the shapes are read
+        t5_cfg = UMT5Config.from_state_dict(t5_state, text_len=cfg.text_len)
+        del t5_state
+        if t5_cfg.dim != cfg.text_dim:
+            raise ValueError(f"{paths.text_encoder}: encoder width {t5_cfg.dim} "
+                             f"!= DiT text_dim {cfg.text_dim}")
         placement = settings.text_encoder_device
-        self.text = load_text_encoder(settings, paths, cfg, self.device, self.dtype, progress)
+        self.text = TextEncoder.from_files(
+            paths.text_encoder, paths.tokenizer, t5_cfg, device=self.device, dtype=self.dtype,
+            placement=placement,
+            encoder_dtype=text_encoder_dtype(settings, placement, self.dtype), progress=progress)
         vae_cfg = VAEConfig.from_state_dict(read_checkpoint(paths.vae))
         self.decoder = StreamingDecoder(load_vae_decoder(paths.vae, vae_cfg, device=self.device,
                                                          dtype=self.dtype, progress=progress))

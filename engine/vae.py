@@ -295,10 +295,6 @@ class StreamingDecoder:
     video gives 4F - 3 pixel frames, later blocks 4F. `reset()` before a new video.
     """
 
-    # The latent statistics the DiT's normalised latents are undone with (Wan2.1's; 2.2 overrides them).
-    latent_mean: tuple[float, ...] = LATENT_MEAN
-    latent_std: tuple[float, ...] = LATENT_STD
-
     def __init__(self, decoder: WanVAEDecoder):
         self.decoder = decoder
         self._stats: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -316,8 +312,8 @@ class StreamingDecoder:
         z = latents.to(device=param.device, dtype=param.dtype)
         key = (z.device, z.dtype)
         if key not in self._stats:
-            mean = torch.tensor(self.latent_mean, dtype=torch.float32).to(device=z.device, dtype=z.dtype)
-            std = torch.tensor(self.latent_std, dtype=torch.float32).to(device=z.device, dtype=z.dtype)
+            mean = torch.tensor(LATENT_MEAN, dtype=torch.float32).to(device=z.device, dtype=z.dtype)
+            std = torch.tensor(LATENT_STD, dtype=torch.float32).to(device=z.device, dtype=z.dtype)
             self._stats[key] = (mean.view(1, 1, -1, 1, 1), (1.0 / std).view(1, 1, -1, 1, 1))
         mean, inv_std = self._stats[key]
         return (z / inv_std + mean).transpose(1, 2).contiguous()

@@ -189,9 +189,9 @@ def test_gpu_check_smoke_runs_on_the_cpu_at_tiny_size(capsys):
 
 
 def test_bench_engine_longlive2_reports_fps_and_refuses_a_1_0_size():
-    from engine.bench import bench_engine
+    from engine.longlive2.bench import bench_longlive2
 
-    report = bench_engine(size="tiny", blocks=2, model="longlive2", device="cpu")
+    report = bench_longlive2(size="tiny", blocks=2, device="cpu", width=64, height=32)
     assert "longlive2 size tiny" in report and "29 + 32/block" in report and "FPS" in report
     with pytest.raises(ValueError, match="not a longlive2 preset"):
-        bench_engine(size="1.3b", model="longlive2", device="cpu")
+        bench_longlive2(size="1.3b", device="cpu")

@@ -17,14 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.checkpoints import load_dit
-from engine.longlive import LongLiveEngine, load_text_encoder, resolve_device
+from engine.checkpoints import load_dit, read_checkpoint
+from engine.longlive import LongLiveEngine, resolve_device, text_encoder_dtype
 from engine.longlive2.generator import SCENE_CUT_PREFIX, ShotGenerator, ShotStreamConfig
 from engine.longlive2.model import config_from_ti2v_json, fp8_blocker, quantize_fp8, upcast_cpu_linears_
 from engine.longlive2.unipc import UniPCConfig
 from engine.longlive2.vae import StreamingDecoder22, load_vae22
+from engine.model import ModelConfig
 from engine.progress import LoadProgress, Report
 from engine.settings import EngineSettings
+from engine.text_encoder import TextEncoder, UMT5Config
 from engine.weights import WeightPaths2
 
 log = logging.getLogger("engine.longlive2")
@@ -39,6 +41,23 @@ def read_start_image(path: Path, width: int, height: int) -> torch.Tensor:
         if rgb.size != (width, height):
             rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
         return torch.from_numpy(np.asarray(rgb).copy())
+
+
+def load_text_encoder(settings: EngineSettings, paths: WeightPaths2, cfg: ModelConfig, device: torch.device,
+                      dtype: torch.dtype, progress: LoadProgress) -> TextEncoder:
+    """UMT5 + tokenizer from a weights directory, checked against the DiT's text width.
+
+    (1.0's loader inlines the same steps; engine/longlive.py is being reworked on main.)
+    """
+    t5_state = read_checkpoint(paths.text_encoder)  # memory-mapped: only the shapes are read
+    t5_cfg = UMT5Config.from_state_dict(t5_state, text_len=cfg.text_len)
+    del t5_state
+    if t5_cfg.dim != cfg.text_dim:
+        raise ValueError(f"{paths.text_encoder}: encoder width {t5_cfg.dim} != DiT text_dim {cfg.text_dim}")
+    placement = settings.text_encoder_device
+    return TextEncoder.from_files(paths.text_encoder, paths.tokenizer, t5_cfg, device=device, dtype=dtype,
+                                  placement=placement, progress=progress,
+                                  encoder_dtype=text_encoder_dtype(settings, placement, dtype))
 
 
 class LongLive2Engine(LongLiveEngine):

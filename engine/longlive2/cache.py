@@ -1,8 +1,8 @@
 """LongLive 2.0's self-attention cache: a global sink plus one pinned shot sink (docs/engine-longlive2.md).
 
-Same buffer and pointers as 1.0 (`engine.cache.KVCache`: [layers, B, capacity, heads,
-head_dim], `global_end`/`local_end`, repeated passes over a block overwrite its slots), with
-the reference's multi-shot sink on top:
+The reference's pointer semantics (those of 1.0's cache: `global_end`/`local_end`, repeated
+passes over a block overwrite its slots, a full window rolls), in a class of its own so the
+1.0 cache can change its layout freely, with the reference's multi-shot sink on top:
 
 - at a shot cut the block just written is *pinned* (`pinned_start`, `pinned_len`): nothing
   is copied, the block stays where it is;
@@ -20,29 +20,55 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.cache import KVCache, SelfAttnPlan
-from engine.model import Rope, apply_rope
+from engine.model import apply_rope
 
 
 @dataclass(frozen=True)
-class ShotPlan(SelfAttnPlan):
-    """A 1.0 plan plus where the roll keeps its prefix and how far the pin moves."""
+class ShotPlan:
+    """What one pass does to the cache: the reference's pointers, host integers only.
 
-    roll_sink: int = 0
-    pin_shift: int = 0
+    `query_angles` and `mask` are what `engine.model.SelfAttention` reads from any plan.
+    """
+
+    current_start: int
+    n_new: int
+    roll: tuple[int, int] | None  # (evicted tokens, kept tokens) moved down to `roll_sink`
+    local_start: int
+    local_end: int
+    is_recompute: bool
+    query_angles: tuple[torch.Tensor, torch.Tensor]
+    roll_sink: int = 0  # the prefix a roll keeps: global sink (+ the pin when adjacent)
+    pin_shift: int = 0  # how far a floating pin moves left with this pass's eviction
+    mask: torch.Tensor | None = None  # never: streaming attends to exactly [0, local_end)
 
 
-class ShotKVCache(KVCache):
-    """`KVCache` with LongLive 2.0's pinned shot sink; keys are stored post-RoPE (absolute positions)."""
+class ShotKVCache:
+    """Self-attention K/V of all layers with LongLive 2.0's global sink and pinned shot sink.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    Static buffers [layers, B, window tokens, heads, head_dim], written in place; keys are
+    stored after RoPE (absolute positions, as the reference).
+    """
+
+    def __init__(self, num_layers: int, batch: int, frames: int, sink_frames: int, frame_seq_length: int,
+                 heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str):
+        if sink_frames >= frames:
+            raise ValueError(f"sink ({sink_frames} frames) must be smaller than the window ({frames})")
+        self.capacity = frames * frame_seq_length
+        self.sink = sink_frames * frame_seq_length
+        self.frame_seq_length = frame_seq_length
+        shape = (num_layers, batch, self.capacity, heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.global_end = 0  # absolute token index one past the last block written
+        self.local_end = 0  # buffer position one past the last valid token
         self.pinned_start = -1
         self.pinned_len = 0
 
     def reset(self) -> None:
         """Empty the cache and drop the pin."""
-        super().reset()
+        self.k.zero_()
+        self.v.zero_()
+        self.global_end = self.local_end = 0
         self.pinned_start, self.pinned_len = -1, 0
 
     @property
@@ -77,8 +103,8 @@ class ShotKVCache(KVCache):
         if local_start < 0:
             raise ValueError(f"pass at token {current_start} reaches before the cached window")
         is_recompute = current_end <= g and current_start > 0
-        return ShotPlan(current_start, n_new, roll, local_start, local_end, local_start, is_recompute,
-                        query_angles, None, None, roll_sink=sink, pin_shift=pin_shift)
+        return ShotPlan(current_start, n_new, roll, local_start, local_end, is_recompute, query_angles,
+                        roll_sink=sink, pin_shift=pin_shift)
 
     def rewrite_plan(self, slot_start: int, n_new: int,
                      query_angles: tuple[torch.Tensor, torch.Tensor]) -> ShotPlan:
@@ -86,11 +112,14 @@ class ShotKVCache(KVCache):
         end = slot_start + n_new
         if slot_start < 0 or end > self.local_end:
             raise ValueError(f"slots {slot_start}..{end} are not in the filled buffer (0..{self.local_end})")
-        return ShotPlan(self.global_end, n_new, None, slot_start, end, slot_start, True, query_angles, None)
+        return ShotPlan(self.global_end, n_new, None, slot_start, end, True, query_angles)
 
     def update_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: ShotPlan,
-                        rope: Rope | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Roll (keeping the effective sink), write this layer's roped K/V, return [0, local_end)."""
+                        rope: object = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Roll (keeping the effective sink), write this layer's roped K/V, return [0, local_end).
+
+        `rope` is accepted and unused: the plan carries the angles (older model code passes it).
+        """
         buf_k, buf_v = self.k[layer], self.v[layer]
         if plan.roll is not None:
             evicted, kept = plan.roll
@@ -102,9 +131,15 @@ class ShotKVCache(KVCache):
         return buf_k[:, :plan.local_end], buf_v[:, :plan.local_end]
 
     def commit(self, plan: ShotPlan) -> None:
-        """Advance the pointers and move a floating pin with the eviction (after all layers ran)."""
-        super().commit(plan)
-        if not plan.is_recompute and plan.pin_shift:
+        """Advance the pointers and move a floating pin with the eviction (after all layers ran).
+
+        A repeated pass over the same block (later steps, the clean pass) changes no pointer.
+        """
+        if plan.is_recompute:
+            return
+        self.global_end = plan.current_start + plan.n_new
+        self.local_end = plan.local_end
+        if plan.pin_shift:
             self.pinned_start -= plan.pin_shift
 
     def pin_last(self, frames: int, sink_frames: int) -> None:

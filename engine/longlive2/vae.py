@@ -18,6 +18,7 @@ no temporal convolution with history, so no encoder cache is needed.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,13 +180,16 @@ class Decoder22(nn.Module):
                                   CausalConv3d(dims[-1], 3 * PATCH * PATCH, 3, padding=1))
         self.num_cache_slots = _assign_slots(self)
 
-    def forward(self, x: torch.Tensor, cache: Cache, first: bool) -> torch.Tensor:
-        """[B, z_dim, 1, h, w] -> [B, 12, 1 (first latent) or 4, 8h, 8w]."""
+    def forward(self, x: torch.Tensor, cache: Cache, first: bool,
+                on_layer: Callable[[], None] | None = None) -> torch.Tensor:
+        """[B, z_dim, 1, h, w] -> [B, 12, 1 (first latent) or 4, 8h, 8w]; `on_layer` after each stage."""
         x = self.conv1(x, cache)
         for block in self.middle:
             x = block(x, cache)
         for stage in self.upsamples:
             x = stage(x, cache, first)
+            if on_layer is not None:
+                on_layer()  # the engine's heartbeat: a full-size decode on a CPU takes seconds
         return self.head[2](F.silu(self.head[0](x)), cache)
 
 
@@ -202,12 +206,13 @@ class Wan22VAEDecoder(nn.Module):
         """One slot per causal conv, plus a last slot that marks the video's first latent as seen."""
         return [None] * (self.decoder.num_cache_slots + 1)
 
-    def forward(self, z: torch.Tensor, cache: Cache) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, cache: Cache,
+                on_layer: Callable[[], None] | None = None) -> torch.Tensor:
         """Un-normalised latents [B, 48, F, h, w] -> pixels [B, 3, T, 16h, 16w] (not clamped)."""
         x = self.conv2(z)
         outs = []
         for i in range(x.shape[2]):
-            outs.append(self.decoder(x[:, :, i:i + 1], cache, first=cache[-1] is None))
+            outs.append(self.decoder(x[:, :, i:i + 1], cache, cache[-1] is None, on_layer))
             cache[-1] = True
         return unpatchify(outs[0] if len(outs) == 1 else torch.cat(outs, dim=2))
 
@@ -318,8 +323,17 @@ class Wan22ImageEncoder(nn.Module):
 class StreamingDecoder22(StreamingDecoder):
     """`engine.vae.StreamingDecoder` with Wan2.2's latent statistics: 29 then 32 frames per 8-latent block."""
 
-    latent_mean = LATENT_MEAN
-    latent_std = LATENT_STD
+    def _unnormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """z = z_model / (1 / std) + mean with Wan2.2's 48 statistics -> [B, C, F, h, w]."""
+        param = self.decoder.conv2.weight
+        z = latents.to(device=param.device, dtype=param.dtype)
+        key = (z.device, z.dtype)
+        if key not in self._stats:  # built once per device/dtype, never per block
+            mean = torch.tensor(LATENT_MEAN, dtype=torch.float32).to(device=z.device, dtype=z.dtype)
+            std = torch.tensor(LATENT_STD, dtype=torch.float32).to(device=z.device, dtype=z.dtype)
+            self._stats[key] = (mean.view(1, 1, -1, 1, 1), (1.0 / std).view(1, 1, -1, 1, 1))
+        mean, inv_std = self._stats[key]
+        return (z / inv_std + mean).transpose(1, 2).contiguous()
 
 
 def vae_shapes(cfg: VAE22Config = PRESETS["wan2.2"]) -> dict[str, tuple[int, ...]]:
