@@ -11,14 +11,25 @@ recache cost and peak memory. `--device cpu --size tiny` runs the same code anyw
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
-from engine.gpu_check import _timed
 from engine.longlive2.generator import ShotGenerator
 from engine.longlive2.model import PRESETS, at_size, build_random, init_random_, quantize_fp8
 from engine.longlive2.vae import PRESETS as VAE_PRESETS
 from engine.longlive2.vae import StreamingDecoder22, Wan22ImageEncoder, Wan22VAEDecoder
+
+
+def _timed(device: torch.device, fn):
+    """(fn(), seconds), synchronised on CUDA (kept here: engine/gpu_check.py is being reworked on main)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
 
 
 def pipeline(size: str, width: int, height: int, blocks: int, device: torch.device, dtype: torch.dtype,
