@@ -18,7 +18,6 @@ from broadcaster.encoder import StreamEncoder, _Streams
 from broadcaster.metrics import Metrics
 from broadcaster.outputs.muxer_process import MuxTarget, _Destination
 from broadcaster.pacer import Pacer
-from broadcaster.redact import redact_url
 from broadcaster.settings import EncoderSettings
 from broadcaster.switches import SwitchTracker
 from engine.preview import PreviewEngine
@@ -162,66 +161,8 @@ def bench_output(frames: int = 320) -> str:
     ])
 
 
-def bench_chat(redis_url: str | None = None, viewers: int = 2000, concurrency: int = 50) -> str:
-    """Chat events through parse + moderation + store: events/s and per-event latency."""
-    import asyncio
-    import statistics
+def bench_chat(redis_url: str | None = None) -> str:
+    """Votes/s, events/s and latency of chat steering (broadcaster/bench_chat.py)."""
+    from broadcaster.bench_chat import bench_chat as run
 
-    from chat.events import ChatEvent, Role
-    from chat.settings import ChatSettings
-    from chat.steering import Steering
-
-    async def run() -> tuple[float, list[float], int]:
-        if redis_url:
-            from chat.redis_store import RedisStore
-
-            store = RedisStore(redis_url, f"bench-{os.getpid()}", max_connections=concurrency)
-        else:
-            from chat.memory_store import MemoryStore
-
-            store = MemoryStore()
-        settings = ChatSettings(mode="vote", vote={"options": 4, "min_suggestions": 4, "round_seconds": 600},
-                                moderation={"rate_limit_per_minute": 10_000, "flood_messages": 10_000,
-                                            "duplicate_window_seconds": 0})
-        steering = Steering(settings, store)
-        latencies: list[float] = []
-
-        def event(user: int, text: str) -> ChatEvent:
-            return ChatEvent(source="bench", message_id=f"{user}:{text}:{time.perf_counter_ns()}",
-                             user_id=str(user), login=f"v{user}", display_name=f"v{user}", text=text,
-                             time=time.time(), roles=frozenset({Role.VIEWER}))
-
-        for user in range(4):
-            await steering.handle(event(user, f"!prompt a scene number {user} with a red fox"))
-        await steering.tick()
-        queue: asyncio.Queue = asyncio.Queue()
-        for user in range(viewers):
-            queue.put_nowait(event(user, f"!vote {1 + user % 4}"))
-            if user % 5 == 0:
-                queue.put_nowait(event(user, f"!prompt viewer {user} suggests a calm lake at dawn"))
-        total = queue.qsize()
-
-        async def worker() -> None:
-            while not queue.empty():
-                item = queue.get_nowait()
-                t0 = time.perf_counter()
-                await steering.handle(item)
-                latencies.append(time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-        await store.close()
-        return elapsed, latencies, total
-
-    elapsed, latencies, total = asyncio.run(run())
-    latencies.sort()
-    p50 = statistics.median(latencies) * 1000
-    p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
-    store_name = f"redis ({redact_url(redis_url)})" if redis_url else "memory"
-    return "\n".join([
-        f"bench chat: {total} events ({viewers} votes + {total - viewers} suggestions), "
-        f"{concurrency} concurrent handlers, store {store_name}",
-        f"machine: {machine()}",
-        f"throughput: {total / elapsed:.0f} events/s; latency p50 {p50:.2f} ms, p99 {p99:.2f} ms",
-    ])
+    return run(redis_url)

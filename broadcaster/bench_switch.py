@@ -57,15 +57,15 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def channel_config(port: int, token_file: Path, work: Path, rtmp_url: str | None, hls: bool,
-                   segment_seconds: float, base: dict | None, switch_mode: str | None = None,
+                   segment_seconds: float, base: dict | None, switch_cut: bool | None = None,
                    list_size: int = 4) -> dict:
     """The benchmarked channel: the OBS preset's encoder by default, preview engine, manual steering."""
     config = dict(base or {})
     config["channel"] = config.get("channel", "bench-switch")
     engine = {"width": 832, "height": 480, "fps": 16, **config.get("engine", {})}
     config["engine"] = {**engine, "backend": "preview"}
-    if switch_mode:
-        config["engine"]["switch_mode"] = switch_mode
+    if switch_cut is not None:
+        config["engine"]["switch_cut"] = switch_cut
     config["encoder"] = config.get("encoder") or {"keyframe_seconds": 1, "video_bitrate_kbps": 4000,
                                                   "preset": "superfast", "audio": "silent"}
     outputs: list[dict] = []
@@ -134,7 +134,7 @@ def _measure(api: _Api, reader: Reader, count: int, gap_s: float, log) -> tuple[
 
 
 def bench_switch(count: int = 24, hls: bool = False, segment_seconds: float = 1.0, config: str | None = None,
-                 switch_mode: str | None = None, list_size: int = 4, gap_s: float = 1.5,
+                 switch_cut: bool | None = None, list_size: int = 4, gap_s: float = 1.5,
                  verbose: bool = True) -> str:
     """Run the channel, switch `count` times through the API, report p50/p95/max of each leg."""
     def log(line: str) -> None:
@@ -147,7 +147,7 @@ def bench_switch(count: int = 24, hls: bool = False, segment_seconds: float = 1.
     nginx = None if hls else NginxRtmp(work).start()
     port, token = free_port(), secrets.token_urlsafe(24)
     rtmp_url = nginx.url("bench") if nginx else None
-    settings = channel_config(port, work / "token", work, rtmp_url, hls, segment_seconds, base, switch_mode,
+    settings = channel_config(port, work / "token", work, rtmp_url, hls, segment_seconds, base, switch_cut,
                               list_size)
     (work / "channel.yaml").write_text(yaml.safe_dump(settings))
     env = {**os.environ, "PROMPTCAST_API_TOKEN": token}
@@ -202,7 +202,7 @@ def bench_switch(count: int = 24, hls: bool = False, segment_seconds: float = 1.
     lines = [
         f"bench switch: {len(switches)} switches ({missed} missed) through POST /api/prompt; preview engine "
         f"{settings['engine']['width']}x{settings['engine']['height']}@{settings['engine']['fps']} "
-        f"(switch_mode {settings['engine'].get('switch_mode', 'smooth')}), "
+        f"({'switch_cut: dropped frames' if settings['engine'].get('switch_cut') else 'smooth switches'}), "
         f"x264 {enc.get('preset', 'default')}, keyframe {enc.get('keyframe_seconds', 2)} s; {via}",
         f"machine: {machine()}",
         f"load average (1/5/15 min) before {'/'.join(f'{x:.2f}' for x in load_before)}, "

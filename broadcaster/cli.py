@@ -153,7 +153,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from broadcaster.bench_switch import bench_switch
 
         print(bench_switch(count=args.switches, hls=args.hls, segment_seconds=args.segment_seconds,
-                           config=args.config, switch_mode=args.switch_mode, list_size=args.list_size))
+                           config=args.config, switch_cut=args.switch_cut or None,
+                           list_size=args.list_size))
         return 0
     if args.what == "webrtc":
         from broadcaster.bench_webrtc import bench_webrtc
@@ -165,6 +166,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from engine.bench import bench_engine
 
     dtype = args.dtype or ("bf16" if torch.cuda.is_available() and args.device != "cpu" else "fp32")
+    if args.model == "longlive2":
+        from engine.longlive2.bench import bench_longlive2
+
+        print(bench_longlive2(size=args.size, blocks=args.blocks, steps=args.steps, dtype=dtype,
+                              compile_model=args.compile, device=args.device, width=args.width,
+                              height=args.height))
+        return 0
+    if args.size not in ("tiny", "small", "1.3b"):
+        raise SystemExit(f"--size {args.size} is a longlive2 preset; add --model longlive2")
     print(bench_engine(size=args.size, blocks=args.blocks, steps=args.steps, dtype=dtype,
                        compile_model=args.compile, device=args.device, width=args.width, height=args.height))
     return 0
@@ -174,14 +184,14 @@ def cmd_download_weights(args: argparse.Namespace) -> int:
     """Fetch the LongLive + Wan2.1 files."""
     from engine.weights import download_weights
 
-    return download_weights(args.dir)
+    return download_weights(args.dir, model=args.model)
 
 
 def cmd_check_weights(args: argparse.Namespace) -> int:
     """Verify a weights directory without loading it onto a GPU."""
     from engine.weights import check_weights
 
-    problems = check_weights(args.dir)
+    problems = check_weights(args.dir, args.model)
     if problems:
         print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
         for problem in problems:
@@ -249,10 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     download = sub.add_parser("download-weights", help="fetch LongLive + Wan2.1 weights (resumable)")
     download.add_argument("--dir", default="./weights")
+    download.add_argument("--model", choices=["longlive", "longlive2"], default="longlive",
+                          help="longlive: LongLive-1.3B + Wan2.1; longlive2: LongLive-2.0-5B + Wan2.2-5B")
     download.set_defaults(func=cmd_download_weights)
 
     check_w = sub.add_parser("check-weights", help="verify a weights directory (layout, keys, shapes)")
     check_w.add_argument("dir", nargs="?", default="./weights")
+    check_w.add_argument("--model", choices=["longlive", "longlive2"], default="longlive")
     check_w.set_defaults(func=cmd_check_weights)
 
     bench = sub.add_parser("bench", help="measure speed")
@@ -260,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--switches", type=int, default=24, help="switch: prompt switches to measure (>= 20)")
     bench.add_argument("--hls", action="store_true",
                        help="switch: read the HLS playlist (as OBS's Media Source would) instead of RTMP")
-    bench.add_argument("--switch-mode", choices=["smooth", "cut"], default=None,
-                       help="switch: engine.switch_mode to measure (default: the channel's, smooth)")
+    bench.add_argument("--switch-cut", action="store_true",
+                       help="switch: measure with engine.switch_cut (queued frames dropped at a switch)")
     bench.add_argument("--list-size", type=int, default=4, help="switch --hls: segments in the playlist")
     bench.add_argument("--segment-seconds", type=float, default=1.0, help="switch --hls: HLS segment length")
     bench.add_argument("--minutes", type=float, default=10.0, help="soak: how long to run")
@@ -279,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--frames", type=int, default=320, help="output: frames per configuration")
     bench.add_argument("--viewers", default="0,1,5,10", help="webrtc: WHEP viewer counts, comma-separated")
     bench.add_argument("--seconds", type=float, default=10.0, help="webrtc: measured seconds per count")
-    bench.add_argument("--size", choices=["tiny", "small", "1.3b"], default="tiny", help="engine: preset")
+    bench.add_argument("--model", choices=["longlive", "longlive2"], default="longlive",
+                       help="engine: LongLive 1.0 (Wan2.1 1.3B) or 2.0 (Wan2.2-TI2V-5B)")
+    bench.add_argument("--size", choices=["tiny", "small", "1.3b", "5b"], default="tiny",
+                       help="engine: preset (longlive: tiny, small, 1.3b; longlive2: tiny, 5b)")
     bench.add_argument("--blocks", type=int, default=8, help="engine: blocks to generate")
     bench.add_argument("--steps", type=int, choices=[1, 2, 3, 4], default=4, help="engine: denoising steps")
     bench.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
@@ -287,9 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true", help="engine: torch.compile the DiT")
     bench.add_argument("--device", default=None, help="engine: cuda or cpu (default: cuda if present)")
     bench.add_argument("--width", type=int, default=None,
-                       help="engine: frame width in pixels, a multiple of 16 (default: the preset's)")
+                       help="engine: frame width in pixels, multiple of 16 (longlive2: 32)")
     bench.add_argument("--height", type=int, default=None,
-                       help="engine: frame height in pixels, a multiple of 16 (default: the preset's)")
+                       help="engine: frame height in pixels, multiple of 16 (longlive2: 32)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -189,5 +189,5 @@ class Pacer:
             "late_frames": self.late_frames,
             "last_tick_age_s": round(time.monotonic() - self.last_tick, 3),
             "ring_fill": len(self.ring),
-            "frames_cut": self.ring.skipped,  # dropped unread by `engine.switch_mode: cut`
+            "frames_cut": self.ring.skipped,  # dropped unread by `engine.switch_cut`
         }

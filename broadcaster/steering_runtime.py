@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from broadcaster.metrics import Metrics
+from broadcaster.source_metrics import SourceCollector
 from broadcaster.supervisor import EngineSupervisor
 from broadcaster.switches import OnAir, SwitchTracker
 from broadcaster.tasks import FailureLog, background, keep_running
 from broadcaster.timeline import Aired
 from chat.events import ChatEvent, QueuedPrompt
 from chat.settings import ChatSettings, LocalSourceSettings, StoreSettings
-from chat.sources.base import ChatSource
+from chat.sources.base import ChatSource, Delivery
 from chat.sources.local import LocalSource
 from chat.steering import Steering, SteeringHooks
 from chat.store import SteeringStore
@@ -73,6 +74,11 @@ class SteeringRuntime:
             if source is not None:
                 await source.refund(event)
 
+        async def fulfill(event: ChatEvent) -> None:
+            done = getattr(by_name.get(event.source), "fulfill", None)  # only Twitch has redemptions
+            if done is not None:
+                await done(event)
+
         async def announce(text: str) -> None:
             for source in self.sources:
                 await source.reply(text, None)
@@ -88,12 +94,14 @@ class SteeringRuntime:
             queue_depth=metrics.queue_depth.set,
             reply=reply,
             refund=refund,
+            fulfill=fulfill,
             prepare=supervisor.prepare_prompt,
             queued=self.wake,
             announce=announce,
             automod=automod,
         )
         self.steering = Steering(settings, store, hooks=hooks)
+        metrics.registry.register(SourceCollector(self.sources))  # promptcast_chat_source_*
         self.failures = FailureLog(metrics)
         self.store_reachable = True
         self.store_error = ""
@@ -140,11 +148,16 @@ class SteeringRuntime:
             group.create_task(self._switch_loop(), name="steering-switch")
 
     async def _run_source(self, source: ChatSource) -> None:
-        async def emit(event: ChatEvent) -> None:
+        async def one(event: ChatEvent) -> None:
+            await many((event,))
+
+        async def many(events: Sequence[ChatEvent]) -> None:
             try:
-                await self.steering.handle(event)
-            except Exception:  # one bad event (or a store hiccup) must not stop the chat
-                log.exception("chat event from %s could not be handled", event.source)
+                await self.steering.handle_many(events)
+            except Exception:  # one bad batch (or a store hiccup) must not stop the chat
+                log.exception("%d chat event(s) from %s could not be handled", len(events), source.name)
+
+        emit = Delivery(one, many)  # a busy source hands over what piled up in one call
 
         # A source reconnects by itself; this is the last resort (logged as "chat source NAME failed").
         await keep_running(f"chat source {source.name}", lambda: source.run(emit), self.failures)

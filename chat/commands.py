@@ -128,7 +128,11 @@ REFUSAL_REASONS: frozenset[str] = frozenset({"bad_syntax", "bad_option", "not_al
 _MAX_HEAD = 64  # a first word longer than this is not a command
 _MENTION = re.compile(r"@[A-Za-z0-9_]{1,25}\s+")  # a Twitch reply starts with "@login "
 _TAG_BASE = "\U000e0000"  # unassigned; chat clients append it to dodge Twitch's duplicate filter
-_NUMBER = re.compile(r"#?([0-9]{1,6})", re.ASCII)
+# An option number: any Unicode decimal digits (`٣`, `३`; NFKC already made `２` and `𝟐` plain).
+_NUMBER = re.compile(r"#?(\d{1,6})")
+_SPACE = re.compile(r"\s")
+# id(settings) -> (settings, its prefix normalised, command word -> kind)
+_WORDS: dict[int, tuple[CommandSettings, str, dict[str, str]]] = {}
 
 
 def _drop_format_chars(text: str) -> str:
@@ -139,12 +143,20 @@ def _drop_format_chars(text: str) -> str:
                    if ch != _TAG_BASE and unicodedata.category(ch) not in ("Cf", "Cc", "Cs", "Co"))
 
 
-def _aliases(settings: CommandSettings) -> dict[str, str]:
+def _words(settings: CommandSettings) -> tuple[str, dict[str, str]]:
+    """The prefix (NFKC, casefolded) and command word -> kind; built once per settings object."""
+    cached = _WORDS.get(id(settings))
+    if cached is not None and cached[0] is settings:  # every chat message asks: no rebuilding
+        return cached[1], cached[2]
     names: dict[str, str] = {}
     for kind in COMMAND_KINDS:
         for name in getattr(settings, kind):
             names.setdefault(name.casefold(), kind)
-    return names
+    prefix = unicodedata.normalize("NFKC", settings.prefix).casefold()
+    if len(_WORDS) > 64:
+        _WORDS.clear()
+    _WORDS[id(settings)] = (settings, prefix, names)
+    return prefix, names
 
 
 def _usage(kind: str, settings: CommandSettings, vote_options: int) -> str:
@@ -158,10 +170,25 @@ def _usage(kind: str, settings: CommandSettings, vote_options: int) -> str:
 
 
 def _option(arg: str) -> int | None:
-    """The option number in `arg` ("2", "#2", "２"), or None when it is not exactly one number."""
-    arg = unicodedata.normalize("NFKC", _drop_format_chars(arg)).strip()
-    match = _NUMBER.fullmatch(arg)
-    return int(match.group(1)) if match else None
+    """The option number `arg` starts with ("2", "#2", "２", "٣", "2!", "2 that one!"), or None.
+
+    The first word, less trailing punctuation, must be the number ("2nd", "1.5" are not); words after it
+    are ignored unless the next one is a number too ("2 3" is ambiguous).
+    """
+    if not (arg.isascii() and arg.isprintable()):
+        arg = unicodedata.normalize("NFKC", _drop_format_chars(arg))
+    words = arg.split(maxsplit=2)
+    numbers = [_NUMBER.fullmatch(_strip_punctuation(w)) for w in words[:2]]
+    if not numbers or numbers[0] is None or (len(numbers) == 2 and numbers[1] is not None):
+        return None
+    return int(numbers[0].group(1))
+
+
+def _strip_punctuation(word: str) -> str:
+    end = len(word)
+    while end > 0 and unicodedata.category(word[end - 1])[0] == "P":
+        end -= 1
+    return word[:end]
 
 
 def _has_visible(arg: str) -> bool:
@@ -180,14 +207,18 @@ def parse_command(event: ChatEvent, settings: CommandSettings, *,
     mention = _MENTION.match(text)
     if mention:
         text = text[mention.end():]
-    head_end = next((i for i, ch in enumerate(text[: _MAX_HEAD + 1]) if ch.isspace()), len(text))
+    space = _SPACE.search(text, 0, _MAX_HEAD + 1)
+    head_end = space.start() if space else len(text)
     if head_end > _MAX_HEAD:
         return None
-    head = unicodedata.normalize("NFKC", _drop_format_chars(text[:head_end])).casefold()
-    prefix = unicodedata.normalize("NFKC", settings.prefix).casefold()
+    head = text[:head_end]
+    if not (head.isascii() and head.isprintable()):
+        head = unicodedata.normalize("NFKC", _drop_format_chars(head))
+    head = head.casefold()
+    prefix, names = _words(settings)
     if not head.startswith(prefix):
         return None
-    kind = _aliases(settings).get(head[len(prefix):])
+    kind = names.get(head[len(prefix):])
     if kind is None:
         return None
     cls = _CLASSES[kind]
@@ -195,16 +226,15 @@ def parse_command(event: ChatEvent, settings: CommandSettings, *,
         return Refusal("not_allowed", f"{settings.prefix}{getattr(settings, kind)[0]} is for moderators",
                        kind)
     arg = text[head_end:].strip()
-    usage = _usage(kind, settings, vote_options)
 
     if kind in ("prompt", "banprompt"):
         if not _has_visible(arg):
-            return Refusal("bad_syntax", usage, kind)
+            return Refusal("bad_syntax", _usage(kind, settings, vote_options), kind)
         return cls(text=arg)  # type: ignore[call-arg]
     if kind == "vote" or (kind == "veto" and _has_visible(arg)):
         option = _option(arg)
         if option is None:
-            return Refusal("bad_syntax", usage, kind)
+            return Refusal("bad_syntax", _usage(kind, settings, vote_options), kind)
         if not 1 <= option <= vote_options:
             return Refusal("bad_option", f"choose an option from 1 to {vote_options}", kind)
         return VoteCommand(option=option) if kind == "vote" else VetoCommand(option=option)

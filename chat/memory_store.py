@@ -14,7 +14,7 @@ import time as _time
 from collections import OrderedDict, deque
 from dataclasses import replace
 
-from chat.events import QueuedPrompt, Suggestion, VoteOutcome, VoteRound
+from chat.events import Draft, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
 
 # Shared limits (RedisStore keeps the same ones).
 MAX_POOL = 10_000  # suggestions kept in the pool; the oldest drop out beyond this
@@ -41,6 +41,36 @@ def round_reason(round_id: str, current_id: str | None) -> str:
 def valid_option(option: object, n: int) -> bool:
     """A 1-based option number within 1..n (bools and floats are not option numbers)."""
     return isinstance(option, int) and not isinstance(option, bool) and 1 <= option <= n
+
+
+_ACCEPTED = {"counted": True, "changed": True, "unchanged": True, "kept": False, "no_round": False,
+             "round_closed": False, "bad_option": False}
+
+
+_DUPLICATE, _NEW = Ingested(True), Ingested(False)
+
+
+def ingested(items: list[Intake], codes: list[str], tally: tuple[int, ...]) -> list[Ingested]:
+    """The outcome of each item of an `ingest` batch from its code (both stores answer in codes).
+
+    Codes: duplicate, new (no vote), and for votes counted, changed, unchanged, kept (another option
+    while the first vote counts: refused as "unchanged"), no_round, round_closed, bad_option.
+    """
+    out: list[Ingested] = []
+    outcomes: dict[str, Ingested] = {}  # one object per code: they are equal for the whole batch
+    for item, code in zip(items, codes, strict=True):
+        if code == "duplicate":
+            out.append(_DUPLICATE)
+        elif code == "new" or item.option is None:
+            out.append(_NEW)
+        else:
+            outcome = outcomes.get(code)
+            if outcome is None:
+                reason = "unchanged" if code == "kept" else code
+                votes = () if code == "no_round" else tally
+                outcome = outcomes[code] = Ingested(False, VoteOutcome(_ACCEPTED[code], reason, votes))
+            out.append(outcome)
+    return out
 
 
 class MemoryStore:
@@ -72,13 +102,17 @@ class MemoryStore:
     async def add_suggestion(self, text: str, raw: str, user_id: str, login: str, source: str,
                              time: float) -> Suggestion:
         """Add to the pool; returns it with its id."""
+        return (await self.add_suggestions([Draft(text, raw, user_id, login, source, time)]))[0]
+
+    async def add_suggestions(self, drafts: list[Draft]) -> list[Suggestion]:
+        """Add several to the pool, in order; returns them with their ids."""
         with self._lock:
-            suggestion = Suggestion(id=self._next_id(), text=text, raw=raw, user_id=user_id, login=login,
-                                    source=source, time=float(time))
-            self._pool[suggestion.id] = suggestion
+            added = [d.stored(self._next_id()) for d in drafts]
+            for suggestion in added:
+                self._pool[suggestion.id] = suggestion
             while len(self._pool) > self._max_pool:
                 self._pool.popitem(last=False)
-            return suggestion
+            return added
 
     async def suggestions(self, limit: int = 100) -> list[Suggestion]:
         """The pool, oldest first."""
@@ -138,19 +172,42 @@ class MemoryStore:
                 return VoteOutcome(False, "round_closed", tally)
             if not valid_option(option, len(current.options)):
                 return VoteOutcome(False, "bad_option", tally)
-            previous = self._votes.get(user_id)
-            if previous is None:
-                reason = "counted"
-            elif previous == option:
-                return VoteOutcome(True, "unchanged", tally)
-            elif not last_vote_counts:
-                return VoteOutcome(False, "unchanged", tally)
-            else:
-                reason = "changed"
-                self._counts[previous - 1] -= 1
-            self._votes[user_id] = option
-            self._counts[option - 1] += 1
-            return VoteOutcome(True, reason, tuple(self._counts))
+            code = self._count(user_id, option, last_vote_counts)
+            return VoteOutcome(_ACCEPTED[code], "unchanged" if code == "kept" else code, tuple(self._counts))
+
+    async def ingest(self, items: list[Intake], bans: bool = False) -> tuple[list[Ingested], list[str]]:
+        """Record a batch of message ids and count the votes among them, atomically; see SteeringStore."""
+        with self._lock:
+            current = self._round
+            is_open = current is not None and not current.closed
+            codes: list[str] = []
+            for item in items:
+                if self._seen_before(item.source, item.message_id, item.ttl_s):
+                    codes.append("duplicate")
+                elif item.option is None:
+                    codes.append("new")
+                elif current is None or not is_open:
+                    codes.append("no_round")
+                elif item.now is not None and item.now >= current.closes_at:
+                    codes.append("round_closed")
+                elif not valid_option(item.option, len(current.options)):
+                    codes.append("bad_option")
+                else:
+                    codes.append(self._count(item.user_id, item.option, item.last_vote_counts))
+            tally = tuple(self._counts) if is_open else ()
+            return ingested(items, codes, tally), sorted(self._banned) if bans else []
+
+    def _count(self, user_id: str, option: int, last_vote_counts: bool) -> str:
+        previous = self._votes.get(user_id)
+        if previous == option:
+            return "unchanged"
+        if previous is not None and not last_vote_counts:
+            return "kept"
+        if previous is not None:
+            self._counts[previous - 1] -= 1
+        self._votes[user_id] = option
+        self._counts[option - 1] += 1
+        return "counted" if previous is None else "changed"
 
     async def close_round(self, round_id: str) -> VoteRound:
         """Close the round (no vote counts after this) and return it with its final tally.
@@ -226,17 +283,20 @@ class MemoryStore:
 
     async def seen_message(self, source: str, message_id: str, ttl_s: float = 600) -> bool:
         """True if this message id was seen within ttl_s (records it otherwise): at-least-once delivery."""
+        with self._lock:
+            return self._seen_before(source, message_id, ttl_s)
+
+    def _seen_before(self, source: str, message_id: str, ttl_s: float) -> bool:
         now = _time.monotonic()
         key = (source, message_id)
-        with self._lock:
-            if now - self._seen_sweep > 60:
-                self._seen = {k: expiry for k, expiry in self._seen.items() if expiry > now}
-                self._seen_sweep = now
-            expiry = self._seen.get(key)
-            if expiry is not None and expiry > now:
-                return True
-            self._seen[key] = now + ttl_s
-            return False
+        if now - self._seen_sweep > 60:
+            self._seen = {k: expiry for k, expiry in self._seen.items() if expiry > now}
+            self._seen_sweep = now
+        expiry = self._seen.get(key)
+        if expiry is not None and expiry > now:
+            return True
+        self._seen[key] = now + ttl_s
+        return False
 
     async def close(self) -> None:
         """Nothing to release."""

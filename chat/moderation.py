@@ -38,7 +38,7 @@ __all__ = [
 
 REJECT_REASONS: tuple[str, ...] = (
     "user_denied", "flood", "too_long", "empty", "too_short", "blocked", "banned", "automod",
-    "duplicate", "rate_limited",
+    "duplicate", "rate_limited", "mention",
 )
 REASONS: frozenset[str] = frozenset(("accepted", *REJECT_REASONS))
 
@@ -95,6 +95,14 @@ def _strip_invisible(text: str) -> str:
             marks = 0
         out.append(ch)
     return "".join(out)
+
+
+def _mention_pattern(logins: Iterable[str]) -> re.Pattern[str] | None:
+    """`@login` for any of `logins` (as a whole name, any case), or None without logins."""
+    names = sorted({login.casefold().lstrip("@") for login in logins if login}, key=len, reverse=True)
+    if not names:
+        return None
+    return re.compile(r"@(?:" + "|".join(map(re.escape, names)) + r")(?![\w])", re.IGNORECASE)
 
 
 def clean_text(text: str) -> str:
@@ -378,6 +386,11 @@ class Moderator:
         if len(text) > RAW_LENGTH_FACTOR * settings.max_chars:  # before any work on it
             return self._too_long()
         cleaned = clean_text(text)
+        named = _mention_pattern(event.mentions)  # on the cleaned text: "＠bob", "@b\u200bob" are @bob too
+        if named is not None and named.search(cleaned):
+            if settings.mentions == "refuse":
+                return Decision(False, "mention", raw=cleaned, message="prompts may not name people in chat")
+            cleaned = clean_text(named.sub(" ", cleaned))
         if not any(unicodedata.category(ch)[0] in "LNPS" for ch in cleaned):
             return Decision(False, "empty", raw=cleaned, message="nothing to show: the prompt is empty")
         if len(cleaned) < settings.min_chars:
@@ -407,7 +420,7 @@ class Moderator:
         if len(accepted) == accepted.maxlen and now - accepted[0] < RATE_WINDOW_SECONDS:
             wait = accepted[0] + RATE_WINDOW_SECONDS - now
             return Decision(False, "rate_limited", raw=cleaned, retry_after=wait,
-                            message=f"slow down: {settings.rate_limit_per_minute} prompts a minute; "
+                            message=f"slow down: {accepted.maxlen} prompts a minute; "
                                     f"try again in {max(1, round(wait))} s")
 
         decision = Decision(True, "accepted", text=self._apply_template(cleaned), raw=cleaned,
@@ -481,11 +494,14 @@ class Moderator:
     # -- bounded state
 
     def _user(self, event: ChatEvent, now: float) -> _User:
-        key = f"{event.source}\x00{event.user_id or event.login}"
+        # Per label: a redemption (paid for) draws on a budget of its own, not on the user's chat prompts.
+        key = f"{event.label}\x00{event.user_id or event.login}"
         user = self._users.get(key)
         if user is None:
             settings = self.settings
-            user = _User(deque(maxlen=settings.flood_messages), deque(maxlen=settings.rate_limit_per_minute))
+            rate = (settings.redemption_rate_limit_per_minute if event.redemption_id
+                    else settings.rate_limit_per_minute)
+            user = _User(deque(maxlen=settings.flood_messages), deque(maxlen=rate))
             self._users[key] = user
             while len(self._users) > self._max_users:
                 self._users.popitem(last=False)

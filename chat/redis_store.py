@@ -25,8 +25,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from chat.events import QueuedPrompt, Suggestion, VoteOutcome, VoteRound
-from chat.memory_store import HISTORY_LENGTH, MAX_POOL, RoundNotFound, RoundStillOpen
+from chat.events import Draft, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
+from chat.memory_store import HISTORY_LENGTH, MAX_POOL, RoundNotFound, RoundStillOpen, ingested
 from chat.store import StoreUnavailable  # one type for every store, so the API can answer 503
 
 __all__ = ["QUEUE_GROUP", "RedisStore", "RoundNotFound", "RoundStillOpen", "StoreUnavailable"]
@@ -93,6 +93,81 @@ redis.call('HINCRBY', KEYS[1], 'c' .. option, 1)
 return answer(1, reason)
 """
 
+# A batch of chat events in one step: each message id is recorded (SET NX: a repeat is a duplicate and
+# does nothing else), and each vote among them is counted by the rules of _CAST_VOTE against the round
+# open now. The counters are read once and written once per batch. Being one script, a vote and its
+# message id are stored together or not at all: a redelivery after a failed batch is counted once.
+# The items travel as one flat JSON array and the codes come back as one string: at thousands of events
+# a second, one Redis argument (or one Lua table) per field costs more than the work itself.
+# KEYS: round, round:votes, banned.  ARGV: with_banned (1/0), the seen-key prefix, ttl ms,
+# last_vote_counts (1/0), JSON [seen key suffix, user id, option or null, now or null, ...] (4 per item).
+# The seen keys are built here from the prefix (so, like the rest of the layout, not for Redis Cluster).
+# Returns {codes joined by ',', tally after the batch, banned texts (when asked)}.
+_INGEST = """
+local r = redis.call('HMGET', KEYS[1], 'id', 'closed', 'closes_at', 'n')
+local open = r[1] and r[2] ~= '1'
+local n = tonumber(r[4]) or 0
+local closes_at = tonumber(r[3])
+local counts = {}
+if open then
+  local names = {}
+  for i = 1, n do names[i] = 'c' .. i end
+  local stored = redis.call('HMGET', KEYS[1], unpack(names))
+  for i = 1, n do counts[i] = tonumber(stored[i]) or 0 end
+end
+local null = cjson.null
+local prefix, ttl, last_counts = ARGV[2], ARGV[3], ARGV[4] == '1'
+local changed = false
+local codes = {}
+local flat = cjson.decode(ARGV[5])
+for i = 1, #flat / 4 do
+  local at = i * 4 - 3
+  local option, now = flat[at + 2], flat[at + 3]
+  local code
+  if not redis.call('SET', prefix .. flat[at], '1', 'NX', 'PX', ttl) then
+    code = 'duplicate'
+  elseif option == null then
+    code = 'new'
+  elseif not open then
+    code = 'no_round'
+  elseif now ~= null and now >= closes_at then
+    code = 'round_closed'
+  elseif option ~= math.floor(option) or option < 1 or option > n then
+    code = 'bad_option'
+  else
+    local user = flat[at + 1]
+    local previous = tonumber(redis.call('HGET', KEYS[2], user))
+    if previous == option then
+      code = 'unchanged'
+    elseif previous and not last_counts then
+      code = 'kept'
+    else
+      if previous then
+        counts[previous] = counts[previous] - 1
+        code = 'changed'
+      else
+        code = 'counted'
+      end
+      counts[option] = counts[option] + 1
+      redis.call('HSET', KEYS[2], user, option)
+      changed = true
+    end
+  end
+  codes[i] = code
+end
+if changed then
+  local fields = {}
+  for i = 1, n do
+    fields[#fields + 1] = 'c' .. i
+    fields[#fields + 1] = counts[i]
+  end
+  redis.call('HSET', KEYS[1], unpack(fields))
+end
+local banned = {}
+if ARGV[1] == '1' then banned = redis.call('SMEMBERS', KEYS[3]) end
+return {table.concat(codes, ','), counts, banned}
+"""
+
 # Close: after this no vote counts (cast_vote checks `closed` in the same single-threaded step).
 # KEYS: round.  ARGV: round id.  Returns the round hash, or nil for another id.
 _CLOSE_ROUND = """
@@ -147,6 +222,13 @@ def _num(value: float) -> str:
     if math.isinf(value):
         return "1e999" if value > 0 else "-1e999"
     return repr(value)
+
+
+def _option_arg(option: object) -> int | None:
+    """A vote's option as the ingest script takes it: None for no vote, 0 for anything not an int."""
+    if option is None:
+        return None
+    return option if isinstance(option, int) and not isinstance(option, bool) else 0
 
 
 def _fields(flat: list[Any]) -> dict[str, str]:
@@ -218,6 +300,7 @@ class RedisStore:
         self._close_round = self._redis.register_script(_CLOSE_ROUND)
         self._next_prompt = self._redis.register_script(_NEXT_PROMPT)
         self._ack = self._redis.register_script(_ACK)
+        self._ingest = self._redis.register_script(_INGEST)
         self._group_ready = False
         k = self.key
         self._k_suggestions, self._k_queue = k("suggestions"), k("queue")
@@ -247,13 +330,19 @@ class RedisStore:
     async def add_suggestion(self, text: str, raw: str, user_id: str, login: str, source: str,
                              time: float) -> Suggestion:
         """Add to the pool; returns it with its id (the stream entry id)."""
-        fields = {"text": text, "raw": raw, "user_id": user_id, "login": login, "source": source,
-                  "time": _num(time)}
-        async with self._call("add_suggestion"):
-            entry_id = await self._redis.xadd(self._k_suggestions, fields, maxlen=self._max_pool,
-                                              approximate=True)
-        return Suggestion(id=entry_id, text=text, raw=raw, user_id=user_id, login=login, source=source,
-                          time=float(time))
+        return (await self.add_suggestions([Draft(text, raw, user_id, login, source, time)]))[0]
+
+    async def add_suggestions(self, drafts: list[Draft]) -> list[Suggestion]:
+        """Add several to the pool in one pipelined round trip (XADDs, in order); returns them with ids."""
+        if not drafts:
+            return []
+        async with self._call("add_suggestions"), self._redis.pipeline(transaction=False) as pipe:
+            for d in drafts:
+                pipe.xadd(self._k_suggestions, {"text": d.text, "raw": d.raw, "user_id": d.user_id,
+                                                "login": d.login, "source": d.source, "time": _num(d.time)},
+                          maxlen=self._max_pool, approximate=True)
+            ids = await pipe.execute()
+        return [d.stored(entry_id) for entry_id, d in zip(ids, drafts, strict=True)]
 
     async def suggestions(self, limit: int = 100) -> list[Suggestion]:
         """The pool, oldest first."""
@@ -308,6 +397,35 @@ class RedisStore:
         async with self._call("cast_vote"):
             accepted, reason, *tally = await self._cast_vote(keys=[self._k_round, self._k_votes], args=args)
         return VoteOutcome(bool(accepted), reason, tuple(int(c) for c in tally))
+
+    async def ingest(self, items: list[Intake], bans: bool = False) -> tuple[list[Ingested], list[str]]:
+        """Record a batch of message ids and count the votes among them in one round trip (one script).
+
+        See `SteeringStore.ingest`.
+        """
+        if not items and not bans:
+            return [], []
+        groups: dict[tuple[int, bool], list[int]] = {}  # item indexes; one script call each (one in practice)
+        for index, item in enumerate(items):
+            groups.setdefault((max(1, int(item.ttl_s * 1000)), bool(item.last_vote_counts)), []).append(index)
+        codes = [""] * len(items)
+        tally: tuple[int, ...] = ()
+        banned: list[str] = []
+        async with self._call("ingest"):
+            for (ttl_ms, last_counts), group in groups.items() or {(1, True): []}.items():
+                flat: list[Any] = []
+                for index in group:
+                    item = items[index]
+                    flat += (f"{item.source}:{item.message_id}", item.user_id, _option_arg(item.option),
+                             None if item.now is None else float(item.now))
+                joined, counts, banned = await self._ingest(
+                    keys=[self._k_round, self._k_votes, self._k_banned],
+                    args=[1 if bans else 0, self.key("seen:"), ttl_ms, 1 if last_counts else 0,
+                          json.dumps(flat, allow_nan=False)])
+                for index, code in zip(group, joined.split(",") if joined else [], strict=True):
+                    codes[index] = code
+                tally = tuple(int(c) for c in counts)
+        return ingested(items, codes, tally), sorted(banned) if bans else []
 
     async def close_round(self, round_id: str) -> VoteRound:
         """Close the round (no vote counts after this) and return it with its final tally.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -29,13 +30,50 @@ class TwitchSourceSettings(_Strict):
     user_token: str = Field(min_length=1, description="bot/broadcaster user token with user:read:chat")
     refresh_token: str = Field("", description="lets the token be refreshed when it expires")
     broadcaster_token: str = Field("", description="broadcaster token for channel-point rewards")
-    replies: bool = Field(True, description="answer in chat (accepted, rejected with reason, results)")
+    replies: bool = Field(True, description="answer in chat (which answers: chat.replies)")
+    reply_limit: Literal["auto", 20, 100] = Field(
+        "auto", description="chat messages per 30 s: Twitch allows 100 to a moderator or the broadcaster, "
+                            "20 otherwise; auto: from the bot's role in the channel")
     reward_title: str = Field("", max_length=45, description="create this channel-point reward for prompts")
     reward_cost: int = Field(500, ge=1)
     shared_chat: Literal["own", "all"] = Field(
         "own", description="in a shared chat session: only this channel's viewers steer (own), or all")
     automod_fail: Literal["open", "closed"] = Field(
         "open", description="when Twitch AutoMod cannot be asked: let suggestions pass (open) or hold them")
+    eventsub_url: str = Field("wss://eventsub.wss.twitch.tv/ws",
+                              description="EventSub WebSocket (the Twitch CLI mock: ws://127.0.0.1:8080/ws)")
+    api_url: str = Field("https://api.twitch.tv/helix",
+                         description="Helix root (Twitch CLI mock-api: http://localhost:8080/mock)")
+    auth_url: str = Field("https://id.twitch.tv/oauth2",
+                          description="OAuth root (Twitch CLI mock-api: http://localhost:8080/auth)")
+    eventsub_api_url: str = Field(
+        "", description="where EventSub subscriptions are created; empty: api_url "
+                        "(the Twitch CLI WebSocket mock: its root, http://127.0.0.1:8080)")
+
+    @field_validator("eventsub_url")
+    @classmethod
+    def _websocket_url(cls, url: str) -> str:
+        return _url(url, ("ws", "wss"))
+
+    @field_validator("api_url", "auth_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        return _url(url, ("http", "https"))
+
+    @field_validator("eventsub_api_url")
+    @classmethod
+    def _optional_http_url(cls, url: str) -> str:
+        return _url(url, ("http", "https")) if url else url
+
+
+def _url(url: str, schemes: tuple[str, ...]) -> str:
+    """`url` if it is an absolute URL with one of `schemes`, a host and no query or fragment."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in schemes or not parts.hostname:
+        raise ValueError(f"must be a {' or '.join(s + '://' for s in schemes)} URL with a host")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment (the source adds its own)")
+    return url.strip().rstrip("/")
 
 
 ChatSourceSettings = Annotated[LocalSourceSettings | TwitchSourceSettings, Field(discriminator="kind")]
@@ -90,6 +128,8 @@ class ModerationSettings(_Strict):
     blocklist_regex: list[str] = Field(default_factory=list)
     blocklist_file: Path | None = Field(None, description="a word per line; re: lines are regex")
     rate_limit_per_minute: int = Field(6, ge=1, description="prompts one user may send")
+    redemption_rate_limit_per_minute: int = Field(
+        10, ge=1, description="channel-point redemptions one user may make a minute (a budget of their own)")
     flood_messages: int = Field(10, ge=2, description="this many in flood_seconds mutes")
     flood_seconds: float = Field(5.0, gt=0)
     flood_mute_seconds: float = Field(120.0, ge=0)
@@ -99,6 +139,9 @@ class ModerationSettings(_Strict):
     allow_roles: list[Literal["broadcaster", "moderator", "vip", "subscriber", "viewer"]] = Field(
         default_factory=lambda: ["broadcaster", "moderator", "vip", "subscriber", "viewer"])
     automod: bool = Field(False, description="ask Twitch AutoMod too (Twitch sources only)")
+    mentions: Literal["refuse", "strip"] = Field(
+        "refuse", description="a prompt that @-mentions a chat user: refuse it with a reason, or strip the "
+                              "mention and go on (docs/chat.md)")
     template: str = Field("{prompt}", description="wraps viewer text, e.g. '{prompt}, {style}'")
     style: str = Field("", max_length=300, description="the channel's style anchor for the template")
 
@@ -124,6 +167,25 @@ class ModerationSettings(_Strict):
         return patterns
 
 
+ReplyKind = Literal["accepted", "refused", "moderator", "rounds"]
+
+
+class ReplySettings(_Strict):
+    """Which chat answers steering gives (each source's `replies: false` silences it altogether)."""
+
+    accepted: bool = Field(True, description="'added to the next vote', 'queued (#3)'")
+    refused: bool = Field(True, description="'not accepted: <why>' (a refunded redemption says why too)")
+    moderator: bool = Field(True, description="confirmations of moderator commands ('steering paused', ...)")
+    rounds: bool = Field(True, description="a vote round opens (with its options), its result")
+
+
+class RedemptionSettings(_Strict):
+    """Channel-point redemptions: fulfilled when their prompt airs, refunded when it never will."""
+
+    expire_minutes: float = Field(
+        30.0, ge=1, le=24 * 60, description="a redeemed suggestion not on air by then is refunded")
+
+
 class ChatSettings(_Strict):
     """How viewers steer the channel."""
 
@@ -133,6 +195,8 @@ class ChatSettings(_Strict):
     vote: VoteSettings = Field(default_factory=VoteSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
     moderation: ModerationSettings = Field(default_factory=ModerationSettings)
+    redemptions: RedemptionSettings = Field(default_factory=RedemptionSettings)
+    replies: ReplySettings = Field(default_factory=ReplySettings)
     fallback: Literal["keep"] = Field(
         "keep", description="when nothing is chosen: keep the current prompt (the scheduler adds more)")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from chat.events import QueuedPrompt, Suggestion, VoteOutcome, VoteRound
+from chat.events import Draft, Ingested, Intake, QueuedPrompt, Suggestion, VoteOutcome, VoteRound
 
 
 class StoreUnavailable(RuntimeError):
@@ -22,6 +22,9 @@ class SteeringStore(Protocol):
     async def add_suggestion(self, text: str, raw: str, user_id: str, login: str, source: str,
                              time: float) -> Suggestion:
         """Add to the pool; returns it with its id."""
+
+    async def add_suggestions(self, drafts: list[Draft]) -> list[Suggestion]:
+        """Add several to the pool in one round trip, in order; returns them with their ids."""
 
     async def suggestions(self, limit: int = 100) -> list[Suggestion]:
         """The pool, oldest first."""
@@ -38,6 +41,15 @@ class SteeringStore(Protocol):
     async def cast_vote(self, round_id: str, user_id: str, option: int, last_vote_counts: bool = True,
                         now: float | None = None) -> VoteOutcome:
         """One vote per user per round, atomically; `option` is 1-based."""
+
+    async def ingest(self, items: list[Intake], bans: bool = False) -> tuple[list[Ingested], list[str]]:
+        """A batch of chat events in one atomic step: duplicates found, votes counted; and the bans.
+
+        Items are taken in order. Each records its message id; a repeat within its ttl is a duplicate
+        and does nothing else (so a vote and its id are stored together, or neither). A vote counts for
+        the round open now by the `cast_vote` rules, except that a closed round or none is `no_round`;
+        its tally is the one after the whole batch. `bans` also returns `banned()`.
+        """
 
     async def close_round(self, round_id: str) -> VoteRound:
         """Close the round (no vote counts after this) and return it with its final tally."""

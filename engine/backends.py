@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from engine.interface import Engine
 from engine.settings import EngineSettings
-from engine.weights import WeightPaths
+from engine.weights import WeightPaths, WeightPaths2
 
-BACKENDS = ("preview", "longlive")
+BACKENDS = ("preview", "longlive", "longlive2")
 LONGLIVE_MULTIPLE = 16  # VAE stride 8 x DiT patch 2
 
 
@@ -35,6 +35,22 @@ def _longlive_blocker(settings: EngineSettings) -> str | None:
     return None
 
 
+def _longlive2_blocker(settings: EngineSettings) -> str | None:
+    """Why LongLive 2.0 cannot run with these settings, or None (sizes are checked by the settings)."""
+    paths = WeightPaths2(settings.weights_dir)
+    if not paths.present():
+        return (f"LongLive 2.0 weights not found in {settings.weights_dir} "
+                f"(run `promptcast download-weights --model longlive2 --dir {settings.weights_dir}`)")
+    if settings.fp8:
+        from engine.longlive2.model import fp8_blocker
+
+        gpu = settings.device != "cpu" and _cuda() is not None
+        blocker = fp8_blocker("cuda" if gpu else "cpu")
+        if blocker:
+            return f"engine.fp8: {blocker}"
+    return None
+
+
 def _cuda_blocker(settings: EngineSettings) -> str | None:
     """Why `device: cuda` cannot be honoured by this torch build, or None."""
     if settings.device != "cuda" or _cuda() is not None:
@@ -52,6 +68,13 @@ def choose_backend(settings: EngineSettings) -> tuple[str, str]:
     """The backend to run and a one-line reason."""
     if settings.backend == "preview":
         return "preview", "engine.backend is 'preview'"
+    if settings.backend == "longlive2":
+        blocker = _longlive2_blocker(settings) or _cuda_blocker(settings)
+        if blocker:
+            raise BackendUnavailable(f"engine.backend: 'longlive2' cannot start: {blocker}")
+        gpu = _cuda() if settings.device != "cpu" else None
+        where = f"CUDA {gpu}" if gpu else "the CPU (slow: for small test sizes only)"
+        return "longlive2", f"engine.backend is 'longlive2', on {where}"
     blocker = _longlive_blocker(settings) or _cuda_blocker(settings)
     if settings.backend == "longlive":
         if blocker:
@@ -82,4 +105,8 @@ def create_engine(name: str, settings: EngineSettings, report: Callable[[dict], 
         from engine.longlive import LongLiveEngine
 
         return LongLiveEngine(settings, report=report, heartbeat=heartbeat)
+    if name == "longlive2":
+        from engine.longlive2.backend import LongLive2Engine
+
+        return LongLive2Engine(settings, report=report, heartbeat=heartbeat)
     raise BackendUnavailable(f"unknown engine backend {name!r} (have: {', '.join(BACKENDS)})")

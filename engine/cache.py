@@ -22,22 +22,38 @@ RopeMode = Literal["absolute", "relative"]
 
 @dataclass(frozen=True)
 class SelfAttnPlan:
-    """What one forward pass over `n_new` tokens does to the cache."""
+    """What one forward pass does to the cache: tensors and constants only, so a compiled step
+    sees the same plan shape on every steady pass (engine/generator.py)."""
 
-    current_start: int
-    n_new: int
-    roll: tuple[int, int] | None  # (evicted tokens, kept tokens) moved down to the sink's end
-    local_start: int
-    local_end: int
-    write_start: int
-    is_recompute: bool
+    write_index: torch.Tensor  # physical slots the new K/V go to (long; not the first `skip` new tokens)
+    skip: int  # leading new tokens not written (the protected sink of a recompute)
+    read_len: int  # physical tokens [0, read_len) attended
     query_angles: tuple[torch.Tensor, torch.Tensor]
-    key_angles: tuple[torch.Tensor, torch.Tensor] | None  # relative mode: for the whole read window
+    key_angles: tuple[torch.Tensor, torch.Tensor] | None  # relative mode: per physical slot
     mask: torch.Tensor | None = None  # only for whole-sequence (non-streaming) passes
 
 
+@dataclass(frozen=True)
+class PassPointers:
+    """The host-side pointer arithmetic of one pass (§3.3 steps 2-4), applied by `commit`."""
+
+    current_start: int
+    n_new: int
+    evicted: int  # rolling-window tokens that leave (0 unless the pass rolls)
+    local_start: int  # logical token positions of the new tokens
+    local_end: int
+    is_recompute: bool
+
+
 class KVCache:
-    """Self-attention K/V for all layers, with the sink + window pointers."""
+    """Self-attention K/V for all layers, with the sink + window pointers.
+
+    The buffer is [sink | ring]: the sink frames sit at the front and never move; the rolling
+    window is a ring whose logical order starts at `ring_offset`. Eviction moves the offset
+    instead of copying the window down (the reference copies every layer's window per block),
+    so a steady pass writes its block into fixed slots by index and reads the whole buffer: the
+    same shapes and no allocation on every pass, which is what torch.compile and CUDA graphs need.
+    """
 
     def __init__(self, num_layers: int, batch: int, frames: int, sink_frames: int, frame_seq_length: int,
                  heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
@@ -46,6 +62,7 @@ class KVCache:
             raise ValueError(f"sink ({sink_frames} frames) must be smaller than the window ({frames})")
         self.capacity = frames * frame_seq_length
         self.sink = sink_frames * frame_seq_length
+        self.ring = self.capacity - self.sink
         self.frame_seq_length = frame_seq_length
         self.window_frames = frames
         self.rope_mode = rope_mode
@@ -53,82 +70,126 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.global_end = 0  # absolute token index one past the last block written
-        self.local_end = 0  # buffer position one past the last valid token
+        self.local_end = 0  # logical position one past the last valid token
+        self.ring_offset = 0  # physical ring slot (tokens) of the logically oldest window token
+        self._index: dict[tuple[int, int, int], torch.Tensor] = {}  # write indices, per (offset, start, n)
+        self._angles: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # RoPE tables, built once
 
     def reset(self) -> None:
         """Empty the cache for a new stream."""
         self.zero_()
-        self.global_end = self.local_end = 0
+        self.global_end = self.local_end = self.ring_offset = 0
 
     def zero_(self) -> None:
         """Zero K/V but keep the pointers (a `global_sink: false` recache, §5.2 step 1)."""
         self.k.zero_()
         self.v.zero_()
 
-    def plan(self, current_start: int, n_new: int, rope: Rope, sink_recache: bool = False,
-             mask: torch.Tensor | None = None) -> SelfAttnPlan:
-        """The reference's pointer arithmetic for one pass (§3.3 steps 2-4)."""
+    @property
+    def full(self) -> bool:
+        """True once sink and window are full: every pass then has the same (steady) shapes."""
+        return self.local_end == self.capacity
+
+    def physical(self, logical: torch.Tensor, offset: int | None = None) -> torch.Tensor:
+        """Buffer slots of logical token positions (the sink maps to itself)."""
+        offset = self.ring_offset if offset is None else offset
+        ring = self.sink + (logical - self.sink + offset) % self.ring
+        return torch.where(logical < self.sink, logical, ring)
+
+    def logical_view(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` (k or v, [layers, B, capacity, ...]) in logical order: sink, then oldest to newest."""
+        order = self.physical(torch.arange(self.capacity, device=t.device))
+        return t.index_select(2, order)
+
+    def pointers(self, current_start: int, n_new: int) -> PassPointers:
+        """The reference's pointer arithmetic for one pass (§3.3 steps 2-4), on the host."""
         fs = self.frame_seq_length
         if current_start % fs or n_new % fs:
             raise ValueError("passes must cover whole latent frames")
-        capacity, sink = self.capacity, self.sink
         g, e = self.global_end, self.local_end
         current_end = current_start + n_new
-        if n_new > capacity - sink and current_end > g:
+        if n_new > self.ring and current_end > g:
             raise ValueError(f"a pass of {n_new // fs} frames does not fit the window beside the sink")
         is_recompute = current_end <= g and current_start > 0
-        roll = None
-        if current_end > g and n_new + e > capacity:
-            evicted = n_new + e - capacity
-            roll = (evicted, e - evicted - sink)
-            local_end = e + (current_end - g) - evicted
-        else:
-            local_end = e + (current_end - g)
+        evicted = n_new + e - self.capacity if current_end > g and n_new + e > self.capacity else 0
+        local_end = e + (current_end - g) - evicted if current_end > g else e + (current_end - g)
         local_start = local_end - n_new
         if local_start < 0:
             raise ValueError(f"pass at token {current_start} reaches before the cached window")
-        protect_sink = is_recompute and not sink_recache
-        write_start = max(local_start, sink) if protect_sink else local_start
-        frames = n_new // fs
+        return PassPointers(current_start, n_new, evicted, local_start, local_end, is_recompute)
+
+    def plan(self, current_start: int, n_new: int, rope: Rope, sink_recache: bool = False,
+             mask: torch.Tensor | None = None) -> tuple[SelfAttnPlan, PassPointers]:
+        """Pointers and the tensors a pass needs; `commit` the pointers after the pass."""
+        ptr = self.pointers(current_start, n_new)
+        fs = self.frame_seq_length
+        offset = (self.ring_offset + ptr.evicted) % self.ring  # the pass sees the cache after its roll
+        protect_sink = ptr.is_recompute and not sink_recache
+        write_start = max(ptr.local_start, self.sink) if protect_sink else ptr.local_start
+        index = self._write_index(offset, write_start, ptr.local_end - write_start)
         # Positions are host integers: building the angles never waits on the device.
         if self.rope_mode == "absolute":
-            query_angles = rope.angles(current_start // fs, frames)
+            query_angles = self._rope(rope, current_start // fs, n_new // fs)
             key_angles = None
-        else:  # relative ("infinity"): positions are buffer slots, always < window
-            query_angles = rope.angles(local_start // fs, frames)
-            key_angles = rope.angles(0, local_end // fs)
-        return SelfAttnPlan(current_start, n_new, roll, local_start, local_end, write_start, is_recompute,
-                            query_angles, key_angles, mask)
+        else:  # relative ("infinity"): a key's position is its logical slot, always < window
+            query_angles = self._rope(rope, ptr.local_start // fs, n_new // fs)
+            key_angles = self._key_angles(rope, offset, ptr.local_end)
+        skip = write_start - ptr.local_start
+        plan = SelfAttnPlan(index, skip, ptr.local_end, query_angles, key_angles, mask)
+        return plan, ptr
 
-    def update_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan: SelfAttnPlan,
-                        rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this layer's new K/V in place and return the keys/values to attend to."""
+    def _write_index(self, offset: int, start: int, n: int) -> torch.Tensor:
+        key = (offset, start, n)
+        if key not in self._index:
+            logical = torch.arange(start, start + n, device=self.k.device)
+            self._index[key] = self.physical(logical, offset)
+        return self._index[key]
+
+    def _rope(self, rope: Rope, first: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("q", first, frames)
+        if key not in self._angles:
+            if len(self._angles) > 64:  # absolute mode walks through positions: keep the table small
+                self._angles.clear()
+            self._angles[key] = rope.angles(first, frames)
+        return self._angles[key]
+
+    def _key_angles(self, rope: Rope, offset: int, local_end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Angles for the physical slots [0, local_end): each slot rotated by its logical position."""
+        key = ("k", offset, local_end)
+        if key not in self._angles:
+            cos, sin = rope.angles(0, local_end // self.frame_seq_length)
+            if local_end == self.capacity and offset:
+                physical = self.physical(torch.arange(self.capacity, device=cos.device), offset)
+                order = torch.empty_like(physical)
+                order[physical] = torch.arange(self.capacity, device=cos.device)  # logical of each slot
+                cos, sin = cos[order], sin[order]
+            self._angles[key] = (cos, sin)
+        return self._angles[key]
+
+    def update_and_read(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                        plan: SelfAttnPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this layer's new K/V in place (by index) and return the keys/values to attend to."""
         from engine.model import apply_rope
 
         buf_k, buf_v = self.k[layer], self.v[layer]
-        if plan.roll is not None:
-            evicted, kept = plan.roll
-            src = slice(self.sink + evicted, self.sink + evicted + kept)
-            dst = slice(self.sink, self.sink + kept)
-            # Overlapping ranges: copy through a temporary (the sink itself never moves).
-            buf_k[:, dst] = buf_k[:, src].clone()
-            buf_v[:, dst] = buf_v[:, src].clone()
         if self.rope_mode == "absolute":
             k = apply_rope(k, *plan.query_angles)  # cached keys carry their absolute position
-        skip = plan.write_start - plan.local_start
-        buf_k[:, plan.write_start:plan.local_end] = k[:, skip:]
-        buf_v[:, plan.write_start:plan.local_end] = v[:, skip:]
-        # Sink + window are contiguous: [0, local_end) is exactly what the reference attends.
-        keys, values = buf_k[:, :plan.local_end], buf_v[:, :plan.local_end]
+        if plan.skip:
+            k, v = k[:, plan.skip:], v[:, plan.skip:]
+        buf_k.index_copy_(1, plan.write_index, k)
+        buf_v.index_copy_(1, plan.write_index, v)
+        # Sink + window are [0, read_len): exactly what the reference attends (in ring order).
+        keys, values = buf_k[:, :plan.read_len], buf_v[:, :plan.read_len]
         if plan.key_angles is not None:
             keys = apply_rope(keys, *plan.key_angles)
         return keys, values
 
-    def commit(self, plan: SelfAttnPlan) -> None:
+    def commit(self, ptr: PassPointers) -> None:
         """Advance the pointers after all layers ran, unless the pass was a recompute (§3.3 step 7)."""
-        if not plan.is_recompute:
-            self.global_end = plan.current_start + plan.n_new
-            self.local_end = plan.local_end
+        if not ptr.is_recompute:
+            self.ring_offset = (self.ring_offset + ptr.evicted) % self.ring
+            self.global_end = ptr.current_start + ptr.n_new
+            self.local_end = ptr.local_end
 
     def frames_in_buffer(self) -> int:
         """Valid latent frames currently held (sink included)."""

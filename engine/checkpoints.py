@@ -225,8 +225,9 @@ def load_dit(cfg: ModelConfig, weights: str | Path, lora: str | Path | None = No
     return model.eval().requires_grad_(False)
 
 
-def config_from_wan_json(path: str | Path, latent_height: int = 60, latent_width: int = 104) -> ModelConfig:
-    """A ModelConfig from Wan's diffusers `config.json`, at a latent size."""
+def config_from_wan_json(path: str | Path, latent_height: int = 60, latent_width: int = 104,
+                         model_type: str = "t2v") -> ModelConfig:
+    """A ModelConfig from Wan's `config.json` (model_type t2v: Wan2.1; ti2v: Wan2.2-5B) at a latent size."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -236,8 +237,8 @@ def config_from_wan_json(path: str | Path, latent_height: int = 60, latent_width
     missing = [f for f in fields if f not in data]
     if missing:
         raise CheckpointError(f"{path}: missing {', '.join(missing)}")
-    if data.get("model_type", "t2v") != "t2v":
-        raise CheckpointError(f"{path}: model_type {data['model_type']!r}; only t2v is supported")
+    if data.get("model_type", "t2v") != model_type:
+        raise CheckpointError(f"{path}: model_type {data.get('model_type', 't2v')!r}; expected {model_type}")
     kwargs = {f: data[f] for f in fields}
     kwargs["patch_size"] = tuple(data.get("patch_size", (1, 2, 2)))
     kwargs["text_dim"] = data.get("text_dim", 4096)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.cache import CrossCache, KVCache, RopeMode
+from engine.cache import CrossCache, KVCache, RopeMode, SelfAttnPlan
 from engine.model import CausalWanModel
 from engine.sampler import FlowMatchSchedule, SamplerConfig
 
@@ -58,8 +58,13 @@ class StreamingGenerator:
     def __init__(self, model: CausalWanModel, sampler: SamplerConfig | None = None,
                  stream: StreamConfig | None = None,
                  noise_factory: Callable[[int], NoiseSource] | None = None,
-                 on_layer: Callable[[], None] | None = None):
-        """`on_layer` is called after every DiT layer of every pass (the engine's heartbeat)."""
+                 on_layer: Callable[[], None] | None = None, compile_mode: str | None = None):
+        """`on_layer` is called after every DiT layer of every eager pass (the engine's heartbeat).
+
+        `compile_mode` (e.g. "default" on a CPU, "reduce-overhead" for CUDA graphs) compiles the
+        steady-state pass only (docs/engine.md, "Steady state"); warm-up blocks, recaches and
+        re-anchors stay eager.
+        """
         self.model = model
         self.on_layer = on_layer
         self.cfg = model.cfg
@@ -92,6 +97,13 @@ class StreamingGenerator:
         self._drift = torch.zeros((), dtype=torch.float32, device=self.device)
         self._anchor_blocks = 0  # blocks since the drift reference was last reset
         self._blocks_since_anchor = 0  # blocks since the start or the last re-anchor
+        self.rope = model.rope()
+        self.steady_passes = 0  # passes run by the compiled step
+        self._step = None
+        if compile_mode is not None:
+            for buffer in (self.kv.k, self.kv.v, self.text.k, self.text.v):
+                torch._dynamo.mark_static_address(buffer)  # CUDA graphs write these in place
+            self._step = torch.compile(model, fullgraph=True, dynamic=False, mode=compile_mode)
 
     @property
     def started(self) -> bool:
@@ -137,11 +149,23 @@ class StreamingGenerator:
         """One DiT pass over latents x [B, F, C, H, W]; returns the flow prediction in the same layout."""
         frames = x.shape[1]
         fs = self.cfg.frame_seq_length
-        plan = self.kv.plan(start_frame * fs, frames * fs, self.model.rope(), sink_recache=sink_recache)
+        plan, pointers = self.kv.plan(start_frame * fs, frames * fs, self.rope, sink_recache=sink_recache)
         t = torch.full((x.shape[0], frames), timestep, dtype=torch.float32, device=self.device)
-        flow = self.model(x.permute(0, 2, 1, 3, 4), t, self.kv, plan, self.text, on_layer=self.on_layer)
-        self.kv.commit(plan)
+        x = x.permute(0, 2, 1, 3, 4).contiguous()  # one layout every pass: compiled steps guard strides
+        if self._step is not None and self._is_steady(plan, frames):
+            self.steady_passes += 1
+            flow = self._step(x, t, self.kv, plan, self.text)  # compiled: no per-layer callback inside
+            if self.on_layer is not None:
+                self.on_layer()
+        else:
+            flow = self.model(x, t, self.kv, plan, self.text, on_layer=self.on_layer)
+        self.kv.commit(pointers)
         return flow.permute(0, 2, 1, 3, 4)
+
+    def _is_steady(self, plan: SelfAttnPlan, frames: int) -> bool:
+        """A pass with the steady shapes: one block written by index, the full window read."""
+        return (frames == self.cfg.num_frame_per_block and plan.read_len == self.kv.capacity
+                and plan.skip == 0 and plan.mask is None)
 
     def recache(self, prompt_embeds: torch.Tensor) -> None:
         """KV-recache (§5.2): re-encode the last min(window, frames) clean frames under the new prompt."""

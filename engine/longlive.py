@@ -35,6 +35,11 @@ def text_encoder_dtype(settings: EngineSettings, placement: str, model_dtype: to
     return default_encoder_dtype(placement, model_dtype)
 
 
+def compile_mode(device: torch.device) -> str:
+    """torch.compile mode of the steady step: CUDA graphs on a GPU, plain Inductor on a CPU."""
+    return "reduce-overhead" if device.type == "cuda" else "default"
+
+
 def resolve_device(settings: EngineSettings) -> tuple[torch.device, torch.dtype]:
     """The device and compute dtype the settings ask for (auto: CUDA bf16, else CPU fp32)."""
     if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
@@ -63,14 +68,12 @@ class LongLiveEngine:
         cfg = config_from_wan_json(paths.dit_config, settings.height // 8, settings.width // 8)
         model = load_dit(cfg, paths.base, paths.lora, merge_lora=settings.merge_lora, device=self.device,
                          dtype=self.dtype, progress=progress)
-        if settings.compile:
-            model = torch.compile(model)
         self.generator = StreamingGenerator(
             model, SamplerConfig(denoising_steps=tuple(settings.steps)),
             StreamConfig(global_sink=settings.global_sink, rope_mode=settings.rope_mode,
                          drift_threshold=settings.reanchor_drift_threshold,
                          reanchor_every_blocks=settings.reanchor_every_blocks),
-            on_layer=None if settings.compile else heartbeat)  # a callback inside a compiled graph breaks it
+            on_layer=heartbeat, compile_mode=compile_mode(self.device) if settings.compile else None)
         t5_state = read_checkpoint(paths.text_encoder)  # memory-mapped: only the shapes are read
         t5_cfg = UMT5Config.from_state_dict(t5_state, text_len=cfg.text_len)
         del t5_state

@@ -201,15 +201,14 @@ class _Projections(nn.Module):
 class SelfAttention(_Projections):
     """Causal self-attention over the stream's KV cache (§3.3)."""
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, plan: SelfAttnPlan,
-                rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, plan: SelfAttnPlan) -> torch.Tensor:
         heads = self.num_heads
         q = self.norm_q(self.q(x)).unflatten(-1, (heads, -1))
         k = self.norm_k(self.k(x)).unflatten(-1, (heads, -1))
         v = self.v(x).unflatten(-1, (heads, -1))
         q_cos, q_sin = plan.query_angles
         q = apply_rope(q, q_cos, q_sin)
-        keys, values = cache.update_and_read(layer, k, v, plan, rope)
+        keys, values = cache.update_and_read(layer, k, v, plan)
         return self.o(attention(q, keys, values, plan.mask).flatten(2))
 
 
@@ -244,7 +243,7 @@ class AttentionBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e0: torch.Tensor, layer: int, cache: KVCache, plan: SelfAttnPlan,
-                rope: Rope, text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor:
+                text_k: torch.Tensor, text_v: torch.Tensor) -> torch.Tensor:
         """x: the fp32 residual stream [B, L, D]; e0: fp32 [B, F, 6, D]. Linears run in the model dtype."""
         frames = e0.shape[1]
         dtype = text_k.dtype
@@ -257,7 +256,7 @@ class AttentionBlock(nn.Module):
         def gated(y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
             return (y.float().unflatten(1, (frames, -1)) * gate).flatten(1, 2)
 
-        y = self.self_attn(modulate(self.norm1(x), mod[0], mod[1]), layer, cache, plan, rope)
+        y = self.self_attn(modulate(self.norm1(x), mod[0], mod[1]), layer, cache, plan)
         x = x + gated(y, mod[2])
         x = x + self.cross_attn(self.norm3(x).to(dtype), text_k, text_v).float()
         y = self.ffn(modulate(self.norm2(x), mod[3], mod[4]))
@@ -347,10 +346,9 @@ class CausalWanModel(nn.Module):
         tokens = self.patch_embedding(x.to(self.dtype)).flatten(2).transpose(1, 2).float()
         e = self.embed_time(t.flatten())
         e0 = _fp32_linear(self.time_projection[1], F.silu(e)).unflatten(1, (6, cfg.dim)).unflatten(0, t.shape)
-        rope = self.rope()
         for i, block in enumerate(self.blocks):
             text_k, text_v = text.get(i)
-            tokens = block(tokens, e0, i, cache, plan, rope, text_k, text_v)
+            tokens = block(tokens, e0, i, cache, plan, text_k, text_v)
             if on_layer is not None:
                 on_layer()
         out = self.head(tokens, e.unflatten(0, t.shape))

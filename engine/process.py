@@ -153,7 +153,7 @@ def run_engine(spec: EngineSpec, control_conn: Connection, events: Connection) -
                                "width": engine.width, "height": engine.height}))
         prompt_seq, block = spec.prompt_seq, spec.first_block
         lead = Lead(engine.fps, spec.settings.slack_frames)
-        cut = spec.settings.switch_mode == "cut"  # a switch need not wait for the queued frames
+        cut = spec.settings.switch_cut  # a switch need not wait for the queued frames
         while True:
             control.poll()
             if control.stop:

@@ -64,6 +64,14 @@ def random_dit(cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torc
     return model.eval().requires_grad_(False)
 
 
+def random_vae_decoder(cfg: VAEConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                       seed: int = 0) -> WanVAEDecoder:
+    """A VAE decoder with random weights built directly in `dtype` on `device`."""
+    decoder = _meta(WanVAEDecoder, cfg)
+    decoder.load_state_dict(random_state(decoder, lambda key: dtype, device, seed), strict=True, assign=True)
+    return decoder.eval().requires_grad_(False)
+
+
 def _meta(module_type, *args) -> nn.Module:
     with torch.device("meta"):
         return module_type(*args)

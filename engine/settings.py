@@ -13,7 +13,10 @@ class EngineSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["auto", "preview", "longlive"] = "auto"
+    backend: Literal["auto", "preview", "longlive", "longlive2"] = Field(
+        "auto", description="longlive: LongLive 1.0 (Wan2.1 1.3B, 832x480, 16 fps); longlive2: LongLive 2.0 "
+                            "(Wan2.2-TI2V-5B, 1280x704, 24 fps; never chosen by auto)",
+    )
     width: int = Field(832, ge=16, le=4096, description="generated frame width in pixels (even)")
     height: int = Field(480, ge=16, le=4096, description="generated frame height in pixels (even)")
     fps: float = Field(16.0, gt=0, le=120, description="the engine's native frame rate")
@@ -34,9 +37,9 @@ class EngineSettings(BaseModel):
         description="frames the engine keeps queued beyond its block time: jitter cover, and the part of "
                     "a switch's delay that does not depend on the engine",
     )
-    switch_mode: Literal["smooth", "cut"] = Field(
-        "smooth",
-        description="smooth: frames already made for the old prompt play out first (no jump); cut: they "
+    switch_cut: bool = Field(
+        False,
+        description="false: frames already made for the old prompt play out first (no jump); true: they "
                     "are dropped when the new prompt's first block is ready (sooner, with a visible jump)",
     )
     preview_block_frames: int = Field(
@@ -93,6 +96,20 @@ class EngineSettings(BaseModel):
     )
     merge_lora: bool = True
     compile: bool = Field(False, description="torch.compile the DiT (slower start, faster blocks)")
+    # LongLive 2.0 backend (docs/engine-longlive2.md)
+    switch_mode: Literal["prompt", "recache"] = Field(
+        "prompt",
+        description="longlive2: how a prompt switch reaches the stream. prompt: as the reference, the next "
+                    "block's prompt (a prompt starting 'The scene transitions. ' is a shot cut); recache: "
+                    "also re-encode the cached window with the new prompt (as LongLive 1.0)",
+    )
+    start_image: Path | None = Field(
+        None, description="longlive2: a picture (PNG/JPEG) the stream starts from (image-to-video)",
+    )
+    sampling_steps: int = Field(4, ge=1, le=8, description="longlive2: UniPC steps per block (2.0: 4)")
+    fp8: bool = Field(
+        False, description="longlive2: TorchAO float8 block linears (CUDA, capability >= 8.9, torchao)",
+    )
 
     @property
     def effective_warmup_timeout_s(self) -> float:
@@ -107,6 +124,29 @@ class EngineSettings(BaseModel):
         descending = steps == sorted(set(steps), reverse=True)
         if not descending or any(not 0 < s <= 1000 for s in steps):
             raise ValueError(f"steps must be distinct values in 1..1000, highest first; got {steps}")
+        return self
+
+    @model_validator(mode="after")
+    def _longlive2(self) -> EngineSettings:
+        if self.backend != "longlive2":
+            for name in ("start_image", "fp8"):
+                if name in self.model_fields_set and getattr(self, name):
+                    raise ValueError(f"{name} needs backend: longlive2 (got backend: {self.backend})")
+            return self
+        # 2.0's native size and rate unless the channel says otherwise.
+        defaults = {"width": 1280, "height": 704, "fps": 24.0}
+        for name, value in defaults.items():
+            if name not in self.model_fields_set:
+                setattr(self, name, value)
+        for name in ("width", "height"):
+            if getattr(self, name) % 32:
+                raise ValueError(f"longlive2 needs {name} a multiple of 32 (VAE 16 x patch 2), "
+                                 f"got {getattr(self, name)}; e.g. 1280x704, 832x480, 640x352")
+        if self.reanchor_drift_threshold > 0:
+            raise ValueError("reanchor_drift_threshold is not implemented for longlive2; "
+                             "use reanchor_every_blocks or on-demand re-anchors")
+        if self.start_image is not None and not self.start_image.is_file():
+            raise ValueError(f"start_image {self.start_image} is not a file")
         return self
 
     @model_validator(mode="after")

@@ -2,6 +2,11 @@
 
     DIR/LongLive-1.3B/models/longlive_base.pt, models/lora.pt
     DIR/Wan2.1-T2V-1.3B/config.json, Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/
+
+LongLive 2.0 (`--model longlive2`):
+
+    DIR/LongLive-2.0-5B/model_bf16.pt   (the merged base + DMD-LoRA generator, {"generator": {"model.*"}})
+    DIR/Wan2.2-TI2V-5B/config.json, Wan2.2_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/
 """
 
 from __future__ import annotations
@@ -31,6 +36,15 @@ SOURCES = (
     # The DiT safetensors is not needed: longlive_base.pt holds every DiT weight.
     WeightSource("Wan-AI/Wan2.1-T2V-1.3B", "Wan2.1-T2V-1.3B",
                  ("config.json", "Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/*")),
+)
+
+
+SOURCES_LONGLIVE2 = (
+    # The README's quick start file; the FP8 path quantizes these bf16 weights at load (CUDA only).
+    WeightSource("Efficient-Large-Model/LongLive-2.0-5B", "LongLive-2.0-5B", ("model_bf16.pt",)),
+    # The DiT safetensors shards are not needed: model_bf16.pt holds every DiT weight.
+    WeightSource("Wan-AI/Wan2.2-TI2V-5B", "Wan2.2-TI2V-5B",
+                 ("config.json", "Wan2.2_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/*")),
 )
 
 
@@ -89,6 +103,41 @@ class WeightPaths:
         return all(p.is_file() for p in self.files()) and (self.tokenizer / "tokenizer.json").is_file()
 
 
+@dataclass(frozen=True)
+class WeightPaths2(WeightPaths):
+    """Every file the longlive2 backend loads, under one directory."""
+
+    @property
+    def longlive(self) -> Path:
+        """LongLive 2.0's repository folder."""
+        return self.root / SOURCES_LONGLIVE2[0].local
+
+    @property
+    def wan(self) -> Path:
+        """Wan2.2-TI2V-5B's repository folder."""
+        return self.root / SOURCES_LONGLIVE2[1].local
+
+    @property
+    def base(self) -> Path:
+        """The merged LongLive 2.0 generator (bf16)."""
+        return self.longlive / "model_bf16.pt"
+
+    @property
+    def vae(self) -> Path:
+        """Wan2.2 VAE."""
+        return self.wan / "Wan2.2_VAE.pth"
+
+    def files(self) -> list[Path]:
+        """The single files that must exist (no LoRA file: 2.0 ships it merged)."""
+        return [self.base, self.dit_config, self.vae, self.text_encoder]
+
+
+MODELS: dict[str, tuple[tuple[WeightSource, ...], type[WeightPaths]]] = {
+    "longlive": (SOURCES, WeightPaths),
+    "longlive2": (SOURCES_LONGLIVE2, WeightPaths2),
+}
+
+
 def _size(n: int | None) -> str:
     if n is None:
         return "?"
@@ -100,14 +149,14 @@ def _size(n: int | None) -> str:
 
 
 def download_weights(root: str | Path, endpoint: str | None = None,
-                     say: Callable[[str], None] = print) -> int:
-    """Fetch exactly the needed files (resumable, with progress bars); returns an exit code."""
+                     say: Callable[[str], None] = print, model: str = "longlive") -> int:
+    """Fetch exactly the files `model` needs (resumable, with progress bars); returns an exit code."""
     import huggingface_hub
 
     root = Path(root)
     endpoint = endpoint or os.environ.get("HF_ENDPOINT")
     plans = []
-    for source in SOURCES:
+    for source in MODELS[model][0]:
         try:
             infos = huggingface_hub.snapshot_download(source.repo_id, allow_patterns=list(source.patterns),
                                                       local_dir=root / source.local, dry_run=True,
@@ -139,22 +188,29 @@ def download_weights(root: str | Path, endpoint: str | None = None,
         except OSError as exc:
             say(f"download of {source.repo_id} stopped: {exc}\nRun the command again to resume.")
             return EXIT_UNREACHABLE
-    problems = check_weights(root)
+    problems = check_weights(root, model)
     for problem in problems:
         say(f"  problem: {problem}")
     return EXIT_INCOMPLETE if problems else 0
 
 
-def check_weights(root: str | Path) -> list[str]:
+def check_weights(root: str | Path, model: str = "longlive") -> list[str]:
     """Every problem with a weights directory: layout, then each file's keys and shapes (CPU, mmap)."""
     from engine.checkpoints import CheckpointError, config_from_wan_json, load_dit
 
-    paths = WeightPaths(Path(root))
+    paths = MODELS[model][1](Path(root))
     problems = [f"{p}: missing" for p in paths.files() if not p.is_file()]
     if not (paths.tokenizer / "tokenizer.json").is_file():
         problems.append(f"{paths.tokenizer / 'tokenizer.json'}: missing")
     checks: list[tuple[Path, Callable[[], object]]] = []
-    if paths.dit_config.is_file() and paths.base.is_file() and paths.lora.is_file():
+    if model == "longlive2":
+        if paths.dit_config.is_file() and paths.base.is_file():
+            def dit2() -> None:
+                from engine.longlive2.model import config_from_ti2v_json
+
+                load_dit(config_from_ti2v_json(paths.dit_config), paths.base, device="meta")
+            checks.append((paths.base, dit2))
+    elif paths.dit_config.is_file() and paths.base.is_file() and paths.lora.is_file():
         def dit() -> None:
             cfg = config_from_wan_json(paths.dit_config)
             load_dit(cfg, paths.base, paths.lora, merge_lora=False, device="meta")
@@ -177,7 +233,13 @@ def _extra_checks(paths: WeightPaths) -> list[tuple[Path, Callable[[], object]]]
     from engine.vae import VAEConfig, load_vae_decoder
 
     checks: list[tuple[Path, Callable[[], object]]] = []
-    if paths.vae.is_file():
+    if paths.vae.is_file() and isinstance(paths, WeightPaths2):
+        def vae22() -> None:
+            from engine.longlive2.vae import load_vae22
+
+            load_vae22(paths.vae, device="meta")
+        checks.append((paths.vae, vae22))
+    elif paths.vae.is_file():
         def vae() -> None:
             load_vae_decoder(paths.vae, VAEConfig.from_state_dict(read_checkpoint(paths.vae)), device="meta")
         checks.append((paths.vae, vae))

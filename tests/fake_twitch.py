@@ -13,7 +13,7 @@ Enough of Twitch for the real twitchio 3 client to log in, subscribe and read ch
   receiving until the new one is welcomed, then it is closed), abrupt drops, and redelivery of a
   notification (EventSub is at-least-once).
 
-Test API: `send_chat`, `redeliver`, `redeem`, `reconnect`, `drop`, `expire_token`, `wait_for`,
+Test API: `send_chat`, `redeliver`, `redeem`, `reconnect`, `revoke`, `drop`, `expire_token`, `wait_for`,
 `sent_messages`, `connections`, `subscriptions`, `redemptions`, `rewards`, `refreshes`, `automod_forbidden`,
 `automod_error_status`, `automod_checks`.
 """
@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import itertools
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -38,6 +39,9 @@ CLIENT_SECRET = "fake-client-secret-DO-NOT-LOG"
 BOT_TOKEN = "bot-token-DO-NOT-LOG"
 BOT_REFRESH = "bot-refresh-DO-NOT-LOG"
 BROADCASTER_TOKEN = "broadcaster-token-DO-NOT-LOG"
+CHEER_PREFIXES = ("cheer", "biblethump", "cheerwhal", "corgo", "party")
+_FRAGMENT = re.compile(r"(?<!\S)(?:(?P<prefix>" + "|".join(CHEER_PREFIXES) + r")(?P<bits>[1-9][0-9]{0,5})"
+                       r"(?!\S)|@(?P<login>[A-Za-z0-9_]{1,25})\b)", re.IGNORECASE)
 ALL_SCOPES = ("user:read:chat", "user:write:chat", "channel:manage:redemptions", "moderation:read")
 
 
@@ -71,6 +75,7 @@ class Connection:
 class _PendingReconnect:
     old: Connection
     welcome_delay: float
+    close_old: bool = True
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -94,6 +99,8 @@ class FakeTwitch:
         self.rewards: dict[str, dict[str, Any]] = {}
         self.redemptions: dict[str, dict[str, Any]] = {}
         self.connections: list[Connection] = []
+        self.revoked: list[dict[str, Any]] = []  # subscriptions revoked by `revoke`, with their status
+        self.user_badges: dict[str, list[str]] = {}  # login -> badges their messages carry (unless given)
         self.notifications: dict[str, dict[str, Any]] = {}  # event id -> the notification as sent
         self.refuse_connections_until = 0.0
         self._pending: dict[str, _PendingReconnect] = {}
@@ -156,15 +163,18 @@ class FakeTwitch:
             await self._runner.cleanup()
 
     @property
-    def helix_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/helix/"
+    def api_url(self) -> str:
+        """Helix root, for `TwitchSourceSettings.api_url`."""
+        return f"http://127.0.0.1:{self.port}/helix"
 
     @property
-    def oauth_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+    def auth_url(self) -> str:
+        """OAuth root, for `TwitchSourceSettings.auth_url`."""
+        return f"http://127.0.0.1:{self.port}/oauth2"
 
     @property
     def eventsub_url(self) -> str:
+        """EventSub WebSocket, for `TwitchSourceSettings.eventsub_url`."""
         return f"ws://127.0.0.1:{self.port}/ws"
 
     def add_user(self, login: str) -> dict[str, Any]:
@@ -220,17 +230,22 @@ class FakeTwitch:
 
     async def send_chat(self, login: str, text: str, *, badges: Iterable[str | dict[str, str]] = (),
                         message_id: str | None = None, source_broadcaster: str | None = None,
-                        reward_id: str | None = None, reply_to: str | None = None) -> str:
+                        reward_id: str | None = None, reply_to: str | None = None,
+                        via: Connection | None = None) -> str:
         """Chat `text` as `login` in the channel; returns the message id.
 
         badges: set ids ("moderator", "subscriber", ...) or full {set_id, id, info} dicts.
         message_id: reuse one to send the same message again (a redelivery carries the same ids).
         source_broadcaster: in a shared chat session, the channel the message was typed in.
         reply_to: the id of the message this one answers (a thread reply).
+        via: send it on this connection only (e.g. an old one after a reconnect), else where subscribed.
         """
         chatter = self.add_user(login)
         channel = self.users[self.channel]
         message_id = message_id or str(uuid.uuid4())
+        badges = badges or self.user_badges.get(chatter["login"], ())
+        fragments = self.fragments(text)
+        bits = sum(f["cheermote"]["bits"] for f in fragments if f["type"] == "cheermote")
         source = self.add_user(source_broadcaster) if source_broadcaster else None
         event = {
             "broadcaster_user_id": channel["id"],
@@ -245,23 +260,50 @@ class FakeTwitch:
             "message_id": message_id,
             "source_message_id": message_id if source else None,
             "is_source_only": False if source else None,
-            "message": {
-                "text": text,
-                "fragments": [
-                    {"type": "text", "text": text, "cheermote": None, "emote": None, "mention": None}],
-            },
+            "message": {"text": text, "fragments": fragments},
             "color": "#1E90FF",
             "badges": [_badge(b) for b in badges],
             "source_badges": [] if source else None,
             "message_type": "channel_points_highlighted" if reward_id else "text",
-            "cheer": None,
+            "cheer": {"bits": bits} if bits else None,
             "reply": self._reply_data(reply_to),
             "channel_points_custom_reward_id": reward_id,
             "channel_points_animation_id": None,
         }
         await self._notify("channel.chat.message", event, event_id=message_id,
-                           match=lambda cond: cond.get("broadcaster_user_id") == channel["id"])
+                           match=lambda cond: cond.get("broadcaster_user_id") == channel["id"], via=via)
         return message_id
+
+    def fragments(self, text: str) -> list[dict[str, Any]]:
+        """`text` cut into fragments as Twitch does: cheermotes (`Cheer100`: a known prefix and bits, as a
+        word of its own), mentions (`@login` of a user Twitch knows), and text in between."""
+        out: list[dict[str, Any]] = []
+
+        def plain(piece: str) -> None:
+            if not piece:
+                return
+            if out and out[-1]["type"] == "text":
+                out[-1]["text"] += piece
+            else:
+                out.append({"type": "text", "text": piece, "cheermote": None, "emote": None, "mention": None})
+
+        at = 0
+        for match in _FRAGMENT.finditer(text):
+            word, prefix, bits, login = match.group(0, "prefix", "bits", "login")
+            if login is not None and login.lower() not in self.users:
+                continue  # not a user: plain text
+            plain(text[at:match.start()])
+            if prefix is not None:
+                out.append({"type": "cheermote", "text": word, "emote": None, "mention": None,
+                            "cheermote": {"prefix": prefix.lower(), "bits": int(bits), "tier": 1}})
+            else:
+                user = self.users[login.lower()]
+                out.append({"type": "mention", "text": word, "cheermote": None, "emote": None,
+                            "mention": {"user_id": user["id"], "user_login": user["login"],
+                                        "user_name": user["display_name"]}})
+            at = match.end()
+        plain(text[at:])
+        return out or [{"type": "text", "text": "", "cheermote": None, "emote": None, "mention": None}]
 
     def _reply_data(self, parent_id: str | None) -> dict[str, str] | None:
         note = self.notifications.get(parent_id or "")
@@ -312,21 +354,50 @@ class FakeTwitch:
             and cond.get("reward_id") in (None, "", reward_id))
         return redemption_id
 
-    async def reconnect(self, *, welcome_delay: float = 0.0) -> None:
+    async def reconnect(self, *, welcome_delay: float = 0.0, close_old: bool = True) -> None:
         """Send `session_reconnect` on every open connection.
 
         Notifications keep going to the old connection until the client connects to the reconnect URL and
         is welcomed there (after `welcome_delay`); then the subscriptions move over and the old connection
-        is closed. A client that never comes sees its old connection closed (4004) after `reconnect_grace`.
+        is closed (with `close_old=False` it stays open: a test may still send on it with `via=`, as a
+        server that is slow to close it would). A client that never comes sees its old connection closed
+        (4004) after `reconnect_grace`.
         """
         for old in self.open_connections():
             token = uuid.uuid4().hex
-            self._pending[token] = _PendingReconnect(old=old, welcome_delay=welcome_delay)
+            self._pending[token] = _PendingReconnect(old, welcome_delay, close_old)
             await self._send(old, self._message("session_reconnect", {"session": {
                 "id": old.session_id, "status": "reconnecting", "keepalive_timeout_seconds": None,
                 "reconnect_url": f"{self.eventsub_url}?reconnect={token}", "connected_at": _now_iso(),
                 "recovery_url": None}}))
             self._spawn(self._reconnect_grace(token))
+
+    async def revoke(self, type_: str, status: str = "authorization_revoked") -> None:
+        """Revoke every open subscription of `type_` with a `revocation` message (Twitch sends no more).
+
+        `authorization_revoked` also makes the tokens of the subscription's user invalid, as a user
+        disconnecting the app does: they answer 401 and cannot be refreshed.
+        """
+        for conn in self.open_connections():
+            for sub_id, sub in list(conn.subscriptions.items()):
+                if sub["type"] != type_:
+                    continue
+                del conn.subscriptions[sub_id]
+                self.revoked.append({**sub, "status": status})
+                await self.send_revocation(conn, sub, status)
+                if status == "authorization_revoked":
+                    user_id = sub["condition"].get("user_id") or sub["condition"].get("broadcaster_user_id")
+                    for data in self.tokens.values():
+                        if data["user_id"] == user_id:
+                            data["valid"] = False
+                    for refresh, owner in list(self.refresh_tokens.items()):
+                        if owner == user_id:
+                            del self.refresh_tokens[refresh]
+
+    async def send_revocation(self, conn: Connection, sub: dict[str, Any], status: str) -> None:
+        """Only the `revocation` message for `sub` on `conn` (what `revoke` sends; a test may repeat it)."""
+        payload = {"subscription": {**sub, "status": status}}
+        await self._send(conn, self._message("revocation", payload, subscription=sub))
 
     async def wait_reconnected(self, timeout: float = 5.0) -> None:
         """Until every pending `reconnect()` has completed."""
@@ -369,7 +440,8 @@ class FakeTwitch:
                 pending.old.subscriptions = {}
                 for sub in conn.subscriptions.values():
                     sub["transport"]["session_id"] = conn.session_id
-                await self._close(pending.old, "reconnected")
+                if pending.close_old:
+                    await self._close(pending.old, "reconnected")
                 pending.done.set()
             conn.keepalive_task = asyncio.create_task(self._keepalive(conn))
             async for msg in ws:  # clients may not send anything; Twitch closes them (4001)
@@ -394,6 +466,10 @@ class FakeTwitch:
         pending = self._pending.pop(token, None)
         if pending is not None:
             await self._close(pending.old, "reconnect grace time expired", code=4004)
+
+    async def close_connection(self, conn: Connection, reason: str, code: int = 1000) -> None:
+        """Close one connection with a close frame, as Twitch does."""
+        await self._close(conn, reason, code)
 
     async def _close(self, conn: Connection, reason: str, code: int = 1000) -> None:
         if conn.closed_at is None:
@@ -426,11 +502,12 @@ class FakeTwitch:
                 and any(s["type"] == type_ and match(s["condition"]) for s in c.subscriptions.values())]
 
     async def _notify(self, type_: str, event: dict[str, Any], *, event_id: str,
-                      match: Callable[[dict[str, Any]], bool]) -> None:
+                      match: Callable[[dict[str, Any]], bool], via: Connection | None = None) -> None:
         # the same event id gives the same metadata.message_id: a redelivery, as Twitch sends it
         metadata_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{type_}/{event_id}"))
-        for conn in self._delivery_targets(type_, match):
-            sub = next(s for s in conn.subscriptions.values() if s["type"] == type_ and match(s["condition"]))
+        for conn in [via] if via is not None else self._delivery_targets(type_, match):
+            sub = next(s for c in [conn, *self.connections] for s in c.subscriptions.values()
+                       if s["type"] == type_ and match(s["condition"]))
             note = self._message("notification", {"subscription": sub, "event": event},
                                  metadata_id=metadata_id, subscription=sub)
             self.notifications[event_id] = note

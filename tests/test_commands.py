@@ -104,7 +104,36 @@ def test_vote_spellings(text):
     assert parse(text) == VoteCommand(option=3)
 
 
-@pytest.mark.parametrize("text", ["!vote abc", "!vote", "!vote 2 3", "!vote -1", "!vote 1.5", "!vote 2abc"])
+@pytest.mark.parametrize("text", ["!vote 2 that one!", "!vote 2!", "!vote #2, please", "!v 2 😍 2 is best"])
+def test_vote_ignores_what_follows_the_number(text):
+    assert parse(text) == VoteCommand(option=2)
+
+
+@pytest.mark.parametrize(("text", "option"), [
+    ("!vote ٣", 3),  # Arabic-Indic
+    ("!vote ۳", 3),  # Extended Arabic-Indic (Persian)
+    ("!vote ३", 3),  # Devanagari
+    ("!vote ৩ ভালো", 3),  # Bengali, then a word
+    ("!vote ๓", 3),  # Thai
+    ("!vote 𝟑", 3),  # mathematical bold (NFKC)
+    ("!vote ​٢​", 2),  # zero-width spaces around it
+])
+def test_vote_accepts_any_unicode_decimal_digit(text, option):
+    assert parse(text) == VoteCommand(option=option)
+
+
+@pytest.mark.parametrize("text", ["!vote ½", "!vote Ⅲ", "!vote 三"])
+def test_vote_refuses_numerals_that_are_not_decimal_digits(text):
+    assert parse(text) == Refusal("bad_syntax", "usage: !vote <1-4>", "vote")
+
+
+@pytest.mark.parametrize(("text", "option"), [("!vote ²", 2), ("!vote ③", 3)])
+def test_vote_takes_compatibility_digits_as_nfkc_reads_them(text, option):
+    assert parse(text) == VoteCommand(option=option)
+
+
+@pytest.mark.parametrize("text", ["!vote abc", "!vote", "!vote 2 3", "!vote -1", "!vote 1.5", "!vote 2abc",
+                                  "!vote 2nd", "!vote one 2", "!vote 1,2", "!vote ٢ ٣"])
 def test_vote_without_exactly_one_number_is_bad_syntax(text):
     assert parse(text) == Refusal("bad_syntax", "usage: !vote <1-4>", "vote")
 

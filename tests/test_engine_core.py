@@ -107,15 +107,15 @@ def test_cached_block_by_block_equals_one_masked_forward_over_all_frames():
     text = text_cache()
     streamed = []
     for b in range(total // block):
-        plan = stream.plan(b * block * fs, block * fs, model.rope())
+        plan, pointers = stream.plan(b * block * fs, block * fs, model.rope())
         x = latents[:, :, b * block:(b + 1) * block]
         streamed.append(model(x, torch.zeros(1, block), stream, plan, text))
-        stream.commit(plan)
+        stream.commit(pointers)
     streamed = torch.cat(streamed, dim=2)
 
     whole = KVCache(cfg.num_layers, 1, total, 0, fs, cfg.num_heads, cfg.head_dim, torch.float32, "cpu")
     mask = stream_attention_mask(total, block, cfg.local_attn_size, cfg.sink_size, fs)
-    plan = whole.plan(0, total * fs, model.rope(), mask=mask)
+    plan, _ = whole.plan(0, total * fs, model.rope(), mask=mask)
     once = model(latents, torch.zeros(1, total), whole, plan, text_cache())
     assert (streamed - once).abs().max() < 1e-4
 
@@ -123,15 +123,16 @@ def test_cached_block_by_block_equals_one_masked_forward_over_all_frames():
 def _frame_tags(cache: KVCache) -> list[int]:
     """Which frame each buffer slot holds (values written as frame index + 1; 0 = empty)."""
     fs = cache.frame_seq_length
-    return [int(cache.v[0, 0, s * fs, 0, 0]) - 1 for s in range(cache.capacity // fs)]
+    v = cache.logical_view(cache.v)  # the ring in the order the reference's buffer holds it
+    return [int(v[0, 0, s * fs, 0, 0]) - 1 for s in range(cache.capacity // fs)]
 
 
 def _pass(cache: KVCache, rope: Rope, start_frame: int, frames: int, fs: int, **kw) -> None:
-    plan = cache.plan(start_frame * fs, frames * fs, rope, **kw)
+    plan, pointers = cache.plan(start_frame * fs, frames * fs, rope, **kw)
     tags = torch.arange(start_frame, start_frame + frames).repeat_interleave(fs).float() + 1
     v = tags.view(1, -1, 1, 1).expand(1, frames * fs, 1, 2)
-    cache.update_and_read(0, v.clone(), v.clone(), plan, rope)
-    cache.commit(plan)
+    cache.update_and_read(0, v.clone(), v.clone(), plan)
+    cache.commit(pointers)
 
 
 def test_cache_timeline_matches_the_spec_worked_example():
@@ -175,13 +176,13 @@ def _snapshot_switch(frame: int, global_sink: bool):
     gen.start(torch.randn(1, TINY.text_len, TINY.text_dim), seed=0)
     while gen.frame < frame:
         gen.next_block()
-    before = gen.kv.v.clone()
-    pointers = (gen.kv.global_end, gen.kv.local_end)
+    before = gen.kv.logical_view(gen.kv.v)
+    pointers = (gen.kv.global_end, gen.kv.local_end, gen.kv.ring_offset)
     gen.recache(torch.randn(1, TINY.text_len, TINY.text_dim))
-    assert (gen.kv.global_end, gen.kv.local_end) == pointers  # a recache never moves the pointers
+    assert (gen.kv.global_end, gen.kv.local_end, gen.kv.ring_offset) == pointers  # a recache never moves them
     # Layer 1: its inputs went through layer 0's cross-attention, so the prompt shows there
     # (layer 0's self-attention K/V depend on the latents only).
-    changed = ((gen.kv.v - before).abs() > 1e-4).flatten(3).any(dim=3)[1, 0]
+    changed = ((gen.kv.logical_view(gen.kv.v) - before).abs() > 1e-4).flatten(3).any(dim=3)[1, 0]
     fs = TINY.frame_seq_length
     return [bool(changed[s * fs:(s + 1) * fs].any()) for s in range(TINY.local_attn_size)], gen
 

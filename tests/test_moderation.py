@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import unicodedata
 from pathlib import Path
 
@@ -610,12 +611,46 @@ def test_a_muted_user_stays_muted_while_idle_users_are_forgotten():
     assert mod.check(ev("spammer"), "a green fox").reason == "flood"
 
 
+# -- mentions of chat users (Twitch marks them as mention fragments: ChatEvent.mentions)
+
+
+def mentioning(*logins: str) -> ChatEvent:
+    return dataclasses.replace(ev(), mentions=logins)
+
+
+@pytest.mark.parametrize("text", ["@bob as a knight", "a knight next to @BOB", "a knight (@bob)",
+                                  "a knight ＠bob", "a knight @b\u200bob", "a knight @bob."])
+def test_a_prompt_naming_a_chat_user_is_refused_by_default(text):
+    decision = make().check(mentioning("bob"), text)
+    assert (decision.accepted, decision.reason) == (False, "mention")
+    assert "name people" in decision.message
+
+
+def test_mentions_can_be_stripped_instead():
+    decision = make(mentions="strip").check(mentioning("bob", "carol"), "@Bob and @carol dancing on the moon")
+    assert (decision.accepted, decision.raw) == (True, "and dancing on the moon")
+
+
+def test_a_stripped_prompt_that_was_only_a_mention_is_empty():
+    decision = make(mentions="strip").check(mentioning("bob"), "@bob")
+    assert decision.reason == "empty"
+
+
+@pytest.mark.parametrize("text", ["a knight @bobby", "email bob@example.com", "bob as a knight", "@ bob"])
+def test_only_the_marked_handle_counts_as_a_mention(text):
+    assert make().check(mentioning("bob"), text).accepted
+
+
+def test_an_at_sign_without_a_marked_mention_is_plain_text():
+    assert make().check(ev(), "@bob as a knight").accepted  # Twitch did not mark it: not a user
+
+
 # -- reasons
 
 
 def test_reason_codes():
     assert set(REJECT_REASONS) == {"too_short", "too_long", "blocked", "banned", "user_denied",
-                                   "rate_limited", "flood", "duplicate", "empty", "automod"}
+                                   "rate_limited", "flood", "duplicate", "empty", "automod", "mention"}
     assert set(REASONS) - set(REJECT_REASONS) == {"accepted"}
 
 

@@ -67,10 +67,10 @@ def test_reanchor_makes_the_recent_frames_the_sink_exactly_as_a_fresh_stream_wou
     model.encode_text(_prompt(1), text)
     block = TINY.num_frame_per_block
     for start in range(0, TINY.local_attn_size, block):
-        plan = fresh.plan(start * FS, block * FS, model.rope())
+        plan, pointers = fresh.plan(start * FS, block * FS, model.rope())
         x = recent[:, start:start + block].permute(0, 2, 1, 3, 4)
         model(x, torch.zeros(1, block), fresh, plan, text)
-        fresh.commit(plan)
+        fresh.commit(pointers)
     assert (gen.kv.k - fresh.k).abs().max() < 1e-5
     assert (gen.kv.v - fresh.v).abs().max() < 1e-5
     # and the sink really moved: it now holds frames 6-8, not 0-2

@@ -238,3 +238,63 @@ async def test_round_opening_and_result_are_announced():
     await steering.tick()
     assert said[0].startswith("Vote now with !vote") and "1) a red fox | 2) a blue whale" in said[0]
     assert said[1] == 'Winner: "a red fox" by @u0 (1 votes)'
+
+
+@pytest.mark.parametrize("off", ["accepted", "refused", "moderator", "rounds"])
+async def test_each_kind_of_reply_can_be_turned_off(off):
+    said: list[str] = []
+
+    async def reply(event, text):
+        said.append(text)
+
+    async def announce(text):
+        said.append(text)
+
+    replies = {"accepted": True, "refused": True, "moderator": True, "rounds": True, off: False}
+    steering, _ = _steering(hooks=SteeringHooks(reply=reply, announce=announce), replies=replies,
+                            vote={"min_suggestions": 2, "options": 2})
+    await steering.handle(_event("a", "!prompt a red fox"))  # accepted
+    await steering.handle(_event("b", "!prompt"))  # refused: no text
+    await steering.handle(_event("c", "!prompt a blue whale"))
+    await steering.tick()  # a round opens
+    await steering.handle(_event("mod", "!pause", roles=MOD))  # a moderator's confirmation
+    kinds = {"accepted": "added to the next vote", "refused": "not accepted: usage: !prompt <text>",
+             "moderator": "steering paused", "rounds": "Vote now"}
+    for kind, text in kinds.items():
+        present = any(line.startswith(text) for line in said)
+        assert present is (kind != off), (kind, said)
+
+
+async def test_a_batch_of_events_is_handled_in_order_with_one_store_step():
+    voted, said = [], []
+
+    async def reply(event, text):
+        said.append((event.login, text))
+
+    steering, _ = _steering(hooks=SteeringHooks(vote=lambda: voted.append(1), reply=reply),
+                            vote={"min_suggestions": 2, "options": 2})
+    await _round_with(steering, "a red fox", "a blue whale")
+    first = _event("alice", "!vote 1")
+    batch = [first, _event("alice", "!vote 2"), first, _event("bob", "!vote 2"), _event("carol", "hello"),
+             _event("dave", "!vote 7"), _event("erin", "!prompt a green forest")]
+    await steering.handle_many(batch)
+    current = await steering.store.current_round()
+    assert current.tally == (0, 2)  # alice's last vote counts, her first one's re-delivery does not
+    assert len(voted) == 3  # alice twice (counted, then changed), bob
+    assert ("dave", "not accepted: choose an option from 1 to 2") in said
+    assert [s.raw for s in await steering.store.suggestions()] == ["a green forest"]
+    assert steering._intake.batches == 3  # the two setup prompts and the batch: one store step each
+
+
+async def test_a_remembered_parse_still_tells_moderators_from_viewers():
+    said: list[tuple[str, str]] = []
+
+    async def reply(event, text):
+        said.append((event.login, text))
+
+    steering, _ = _steering(hooks=SteeringHooks(reply=reply))
+    viewer = frozenset({Role.VIEWER})
+    for login, roles in (("viewer1", viewer), ("mod", MOD), ("viewer2", viewer)):
+        await steering.handle(_event(login, "!pause", roles=roles))
+    assert said == [("viewer1", "not accepted: !pause is for moderators"), ("mod", "steering paused"),
+                    ("viewer2", "not accepted: !pause is for moderators")]

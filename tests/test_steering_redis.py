@@ -118,8 +118,10 @@ def test_the_service_carries_on_after_redis_restarts(tmp_path):
         wait_until(lambda: _try_state(channel) is not None, 20, message=channel.logs())
         _post(channel, "/api/chat?login=bob", {"text": "!prompt a blue whale in the sea"})
         wait_until(lambda: (_state(channel)["round"] or {}).get("options"), 15, message=channel.logs())
+        # ok once every part is: the engine may still be loading on a busy machine (not the store's doing)
+        wait_until(lambda: channel.health()["status"] == "ok", 30, message=channel.logs())
         health = channel.health()
-    assert health["status"] == "ok"
+    assert health["status"] == "ok" and not health["degraded"]
 
 
 def _try_state(channel: Channel) -> dict | None:
@@ -127,3 +129,21 @@ def _try_state(channel: Channel) -> dict | None:
         return _state(channel)
     except (OSError, ValueError, KeyError):
         return None
+
+
+async def test_concurrent_chat_is_written_in_batches_and_a_redelivered_vote_counts_once(tmp_path):
+    with RedisServer(tmp_path) as redis:
+        store = RedisStore(redis.url, "batches", max_connections=4)
+        settings = ChatSettings(mode="vote", vote={"round_seconds": 60, "options": 2, "min_suggestions": 2},
+                                moderation={"rate_limit_per_minute": 1000, "flood_messages": 1000})
+        steering = Steering(settings, store)
+        for user, text in ((1, "a red fox in snow"), (2, "a blue whale at sea")):
+            await steering.handle(_event(user, f"!prompt {text}"))
+        await steering.tick()
+        votes = [_event(user, f"!vote {1 + user % 2}") for user in range(100, 700)]
+        redelivered = [votes[i] for i in range(0, 600, 7)]
+        await asyncio.gather(*(steering.handle(e) for e in [*votes, *redelivered]))
+        round_ = await store.current_round()
+        await store.close()
+    assert list(round_.tally) == [300, 300]
+    assert steering._intake.batches < len(votes) / 10  # many events per round trip, not one each

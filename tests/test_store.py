@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chat.events import QueuedPrompt
+from chat.events import Draft, Intake, QueuedPrompt
 from chat.memory_store import MemoryStore, RoundNotFound, RoundStillOpen
 from chat.redis_store import RedisStore, StoreUnavailable
 from chat.store import SteeringStore
@@ -113,6 +113,16 @@ async def test_suggestions_add_list_remove(store: SteeringStore) -> None:
     await store.remove_suggestions([])
     await store.remove_suggestions([a.id, c.id])
     assert await store.suggestions() == []
+
+
+async def test_add_suggestions_adds_a_batch_in_order(store: SteeringStore) -> None:
+    first = await store.add_suggestion("one", "one", "u1", "alice", "twitch", 1.0)
+    drafts = [Draft(f"p {i}", f"raw {i}", f"u{i}", f"login{i}", "channel_points", 10.0 + i) for i in range(5)]
+    added = await store.add_suggestions(drafts)
+    assert [(s.text, s.raw, s.user_id, s.login, s.source, s.time) for s in added] == list(map(tuple, drafts))
+    assert len({s.id for s in added} | {first.id}) == 6
+    assert await store.suggestions() == [first, *added]
+    assert await store.add_suggestions([]) == []
 
 
 async def test_round_open_takes_options_out_of_the_pool(store: SteeringStore) -> None:
@@ -297,6 +307,75 @@ async def test_seen_message_dedupe(store: SteeringStore) -> None:
     assert await store.seen_message("twitch", "m-2", ttl_s=0.05) is False
     await asyncio.sleep(0.15)
     assert await store.seen_message("twitch", "m-2", ttl_s=0.05) is False  # forgotten after its ttl
+
+
+def _vote(message_id: str, user: str, option: object, **kw: object) -> Intake:
+    return Intake("twitch", message_id, user, option, **kw)  # type: ignore[arg-type]
+
+
+async def test_ingest_counts_a_batch_of_votes_like_cast_vote(store: SteeringStore) -> None:
+    await store.open_round(await _pool_of(store, 3), 0.0, 20.0)
+    results, banned = await store.ingest([
+        _vote("m1", "alice", 1), _vote("m2", "bob", 3), _vote("m3", "alice", 2), _vote("m4", "alice", 2),
+        _vote("m5", "carol", 4), _vote("m6", "dave", 0)])
+    assert [(r.duplicate, r.vote.accepted, r.vote.reason) for r in results] == [
+        (False, True, "counted"), (False, True, "counted"), (False, True, "changed"),
+        (False, True, "unchanged"), (False, False, "bad_option"), (False, False, "bad_option")]
+    assert {r.vote.tally for r in results} == {(0, 1, 1)}  # the tally after the whole batch
+    assert banned == []
+    assert (await store.current_round()).tally == (0, 1, 1)
+
+
+async def test_ingest_drops_a_redelivered_message_and_counts_its_vote_once(store: SteeringStore) -> None:
+    await store.open_round(await _pool_of(store, 2), 0.0, 20.0)
+    first, _ = await store.ingest([_vote("m1", "alice", 1), _vote("m1", "alice", 1)])
+    assert [r.duplicate for r in first] == [False, True]
+    assert first[1].vote is None
+    again, _ = await store.ingest([_vote("m1", "alice", 2), _vote("m1", "alice", 1, last_vote_counts=False)])
+    assert [r.duplicate for r in again] == [True, True]  # a redelivery carries the same id: nothing counts
+    assert (await store.current_round()).tally == (1, 0)
+    other_source, _ = await store.ingest([Intake("local", "m1", "alice", 2)])  # ids are per source
+    assert other_source[0].vote.reason == "changed"
+
+
+async def test_ingest_without_an_open_round_or_past_its_end(store: SteeringStore) -> None:
+    (none,), _ = await store.ingest([_vote("m0", "alice", 1)])
+    assert (none.vote.accepted, none.vote.reason, none.vote.tally) == (False, "no_round", ())
+    rnd = await store.open_round(await _pool_of(store, 2), 100.0, 120.0)
+    results, _ = await store.ingest([_vote("m1", "a", 1, now=119.5), _vote("m2", "b", 2, now=120.0)])
+    assert [(r.vote.accepted, r.vote.reason) for r in results] == [(True, "counted"), (False, "round_closed")]
+    await store.close_round(rnd.id)
+    (closed,), _ = await store.ingest([_vote("m3", "c", 1)])
+    assert (closed.vote.accepted, closed.vote.reason) == (False, "no_round")  # no round is *open*
+    assert (await store.current_round()).tally == (1, 0)
+
+
+async def test_ingest_first_vote_counts_mode(store: SteeringStore) -> None:
+    await store.open_round(await _pool_of(store, 2), 0.0, 20.0)
+    results, _ = await store.ingest([_vote("m1", "alice", 1, last_vote_counts=False),
+                                     _vote("m2", "alice", 2, last_vote_counts=False)])
+    assert [(r.vote.accepted, r.vote.reason) for r in results] == [(True, "counted"), (False, "unchanged")]
+    assert (await store.current_round()).tally == (1, 0)
+
+
+async def test_ingest_records_plain_messages_and_returns_the_bans_when_asked(store: SteeringStore) -> None:
+    await store.ban("a red dragon")
+    results, banned = await store.ingest([Intake("twitch", "c1"), Intake("twitch", "c2")], bans=True)
+    assert [(r.duplicate, r.vote) for r in results] == [(False, None), (False, None)]
+    assert banned == ["a red dragon"]
+    assert await store.seen_message("twitch", "c1") is True  # one record of ids, whichever call made it
+    assert await store.ingest([], bans=False) == ([], [])
+
+
+async def test_ingest_takes_hostile_ids_and_users_verbatim(store: SteeringStore) -> None:
+    await store.open_round(await _pool_of(store, 2), 0.0, 20.0)
+    nasty = ["", "a,b", "id\nwith\nlines", "\u202eevil", "💥" * 50, "x" * 5000, '"},{"json', "nul\x00byte"]
+    items = [_vote(f"m:{text}", f"user:{text}", 1) for text in nasty]
+    results, _ = await store.ingest(items)
+    assert [r.vote.reason for r in results] == ["counted"] * len(nasty)
+    repeated, _ = await store.ingest(items)
+    assert all(r.duplicate for r in repeated)
+    assert (await store.current_round()).tally == (len(nasty), 0)
 
 
 async def test_two_channels_are_isolated(store: SteeringStore, request: pytest.FixtureRequest) -> None:

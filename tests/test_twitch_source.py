@@ -64,9 +64,12 @@ class Collector:
         await asyncio.sleep(seconds)
 
 
-def settings(**overrides: Any) -> TwitchSourceSettings:
+def settings(fake: FakeTwitch | None = None, **overrides: Any) -> TwitchSourceSettings:
+    """A channel's Twitch settings; with `fake`, pointed at it through the URL settings (as a user would)."""
     values: dict[str, Any] = {"channel": "streamer", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
                               "user_token": BOT_TOKEN, "refresh_token": BOT_REFRESH}
+    if fake is not None:
+        values.update(eventsub_url=fake.eventsub_url, api_url=fake.api_url, auth_url=fake.auth_url)
     values.update(overrides)
     return TwitchSourceSettings(**values)
 
@@ -75,8 +78,9 @@ def make_source(fake: FakeTwitch, source_settings: TwitchSourceSettings | None =
                 **kwargs: Any) -> TwitchSource:
     kwargs.setdefault("backoff_base", 0.05)
     kwargs.setdefault("backoff_max", 0.2)
-    return TwitchSource(source_settings or settings(), eventsub_url=fake.eventsub_url,
-                        helix_url=fake.helix_url, oauth_url=fake.oauth_url, **kwargs)
+    chosen = (source_settings or settings()).model_dump()
+    chosen.update(eventsub_url=fake.eventsub_url, api_url=fake.api_url, auth_url=fake.auth_url)
+    return TwitchSource(TwitchSourceSettings.model_validate(chosen), **kwargs)
 
 
 @contextlib.asynccontextmanager
@@ -141,6 +145,74 @@ async def test_chat_messages_become_events_with_roles(fake: FakeTwitch) -> None:
     assert source.status()["messages"] == 7
 
 
+async def test_events_start_in_arrival_order_and_run_side_by_side(fake: FakeTwitch) -> None:
+    started: list[str] = []
+    release = asyncio.Event()
+    in_flight = peak = 0
+
+    async def slow_emit(event: ChatEvent) -> None:  # a store round trip that takes a while
+        nonlocal in_flight, peak
+        started.append(event.text)
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await release.wait()
+        in_flight -= 1
+
+    source = make_source(fake, emit_concurrency=8)
+    task = asyncio.create_task(source.run(slow_emit))
+    try:
+        await fake.wait_subscribed()
+        await fake.wait_for(lambda: source.status()["connected"], what="connected")
+        for i in range(20):
+            await fake.send_chat("alice", f"m{i}")
+        await fake.wait_for(lambda: len(started) == 8, what="8 events in flight")
+        await asyncio.sleep(0.1)
+        assert len(started) == 8  # no more than emit_concurrency at once
+        release.set()
+        await fake.wait_for(lambda: len(started) == 20, what="all events")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert started == [f"m{i}" for i in range(20)] and peak == 8
+
+
+async def test_with_an_emit_that_takes_many_what_piled_up_goes_in_one_call(fake: FakeTwitch) -> None:
+    from chat.sources.base import Delivery
+
+    calls: list[list[str]] = []
+    gate = asyncio.Event()
+
+    async def many(events) -> None:
+        calls.append([e.text for e in events])
+        await gate.wait()  # the store is slow: chat piles up meanwhile
+
+    async def one(event: ChatEvent) -> None:
+        await many([event])
+
+    source = make_source(fake)
+    task = asyncio.create_task(source.run(Delivery(one, many)))
+    try:
+        await fake.wait_subscribed()
+        await fake.wait_for(lambda: source.status()["connected"], what="connected")
+        for i in range(4):  # the first calls take what is there, up to 4 calls wait at once
+            await fake.send_chat("alice", f"early {i}")
+            await fake.wait_for(lambda n=i: len(calls) == n + 1, what=f"call {i + 1}")
+        for i in range(50):
+            await fake.send_chat("bob", f"late {i}")
+        await asyncio.sleep(0.3)  # the 50 arrive and wait in the source's queue behind the 4 calls
+        gate.set()
+        await fake.wait_for(lambda: sum(map(len, calls)) == 54, what="all delivered")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert calls[:4] == [["early 0"], ["early 1"], ["early 2"], ["early 3"]]
+    assert source.status()["messages"] == 54
+    assert [t for call in calls[4:] for t in call] == [f"late {i}" for i in range(50)]
+    assert len(calls) < 10  # the 50 went in a few calls, not one each
+
+
 async def test_duplicate_deliveries_are_dropped(fake: FakeTwitch) -> None:
     source = make_source(fake)
     async with connected(fake, source) as chat:
@@ -187,6 +259,59 @@ async def test_text_is_passed_through_verbatim(fake: FakeTwitch) -> None:
     assert chat.texts == texts
 
 
+async def test_cheermotes_are_left_out_so_a_cheer_can_carry_a_command(fake: FakeTwitch) -> None:
+    source = make_source(fake)
+    async with connected(fake, source) as chat:
+        await fake.send_chat("alice", "Cheer100 !prompt a dragon over the sea")
+        await fake.send_chat("bob", "a phoenix rising Cheer50")
+        await fake.send_chat("carol", "biblethump1 Corgo25 party5")  # nothing but cheermotes
+        await fake.send_chat("dave", "cheering for Cheer100x and Cheer 100")  # not cheermotes: words
+        events = await chat.wait_count(4)
+    # the rest is kept as it was, spaces included (commands and moderation trim them)
+    assert [e.text for e in events] == [" !prompt a dragon over the sea", "a phoenix rising ", "  ",
+                                        "cheering for Cheer100x and Cheer 100"]
+
+
+async def test_mentions_come_from_twitchs_fragments(fake: FakeTwitch) -> None:
+    fake.add_user("bob")
+    source = make_source(fake)
+    async with connected(fake, source) as chat:
+        await fake.send_chat("alice", "!prompt @Bob as a knight, @nobody_here stays text")
+        await fake.send_chat("alice", "mail me at a@b.example")
+        events = await chat.wait_count(2)
+    assert events[0].mentions == ("bob",)
+    assert events[0].text == "!prompt @Bob as a knight, @nobody_here stays text"
+    assert events[1].mentions == ()
+
+
+async def test_a_cheer_with_a_prompt_becomes_a_suggestion_without_the_cheermote(fake: FakeTwitch) -> None:
+    from chat.memory_store import MemoryStore
+    from chat.settings import ChatSettings
+    from chat.steering import Steering
+
+    source = make_source(fake)
+    steering = Steering(ChatSettings(mode="vote"), MemoryStore())
+    async with running_into(source, steering):
+        await fake.wait_subscribed()
+        await fake.send_chat("alice", "Cheer100 !prompt a dragon Cheer100 over the sea")
+        await fake.send_chat("bob", "!prompt @alice as a pirate")  # the default policy: refused
+        await fake.wait_for(lambda: source.status()["messages"] == 2, what="both handled")
+        await asyncio.sleep(0.1)
+        pool = await steering.store.suggestions()
+    assert [s.raw for s in pool] == ["a dragon over the sea"]
+
+
+@contextlib.asynccontextmanager
+async def running_into(source: TwitchSource, steering: Any) -> AsyncIterator[None]:
+    task = asyncio.create_task(source.run(steering.handle))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 # ----------------------------------------------------------------------------------------------- connection
 
 
@@ -215,9 +340,60 @@ async def test_session_reconnect_loses_no_message(fake: FakeTwitch) -> None:
         assert "reconnect=" in new.path and new.subscriptions
         status = source.status()
         assert status["session_reconnects"] == 1 and status["reconnects"] == 0 and status["connected"]
+        assert status["last_handover_ms"] < 500  # the old hand-over held the new socket for up to 3 s
         # later messages keep arriving on the new session
         await fake.send_chat("alice", "much later")
         await chat.wait_count(len(sent) + 1)
+
+
+async def test_session_reconnect_does_not_wait_for_the_old_socket_to_close(fake: FakeTwitch) -> None:
+    source = make_source(fake)
+    async with connected(fake, source) as chat:
+        (old,) = fake.open_connections()
+        await fake.reconnect(close_old=False)  # a server slow to close the old connection
+        await fake.wait_reconnected()
+        await fake.wait_for(lambda: source.status()["session_reconnects"] == 1, what="the hand-over")
+        sent = asyncio.get_running_loop().time()
+        await fake.send_chat("alice", "on the new session")
+        await chat.wait_count(1)
+        stall = asyncio.get_running_loop().time() - sent
+        assert old.open  # still open: nothing waited for it
+    assert stall < 0.3  # the old hand-over held new notifications until the old socket closed, or 3 s
+
+
+async def test_frames_on_the_old_socket_after_the_hand_over_are_all_handled(fake: FakeTwitch) -> None:
+    own = settings(user_token=BROADCASTER_TOKEN, refresh_token="", reward_title="Prompt")
+    source = make_source(fake, own)
+    async with connected(fake, source, subscriptions=2) as chat:
+        (old,) = fake.open_connections()
+        chat_sub = next(s for s in old.subscriptions.values() if s["type"] == "channel.chat.message")
+        await fake.reconnect(close_old=False)
+        await fake.wait_reconnected()
+        new = next(c for c in fake.open_connections() if c is not old)
+        await fake.send_chat("alice", "late on the old one", via=old)  # sent before the switch, read after
+        await fake.send_revocation(old, chat_sub, "user_removed")  # and a revocation right behind it
+        await fake.send_chat("bob", "on the new one", via=new)
+        await chat.wait_count(2)
+        await fake.wait_for(lambda: source.status()["revoked"] != {}, what="the revocation")
+        assert sorted(chat.texts) == ["late on the old one", "on the new one"]
+        assert source.status()["revoked"] == {"channel.chat.message": "user_removed"}
+        await fake.close_connection(old, "closed at last")
+        await asyncio.sleep(0.1)
+        await fake.redeem("carol", user_input="after the old one closed")
+        await chat.wait_count(3)
+        assert source.status()["reconnects"] == 0  # the old socket closing is no connection loss
+
+
+async def test_a_moved_socket_that_the_server_never_closes_is_closed_by_the_source(fake: FakeTwitch) -> None:
+    source = make_source(fake, retire_after=0.2)
+    async with connected(fake, source) as chat:
+        (old,) = fake.open_connections()
+        await fake.reconnect(close_old=False)
+        await fake.wait_reconnected()
+        await fake.wait_for(lambda: not old.open, timeout=2, what="the old socket closed")
+        await fake.send_chat("alice", "still reading")
+        await chat.wait_count(1)
+    assert old.close_reason == "client closed"
 
 
 async def test_abrupt_drop_reconnects_by_itself(fake: FakeTwitch) -> None:
@@ -238,13 +414,125 @@ async def test_abrupt_drop_reconnects_by_itself(fake: FakeTwitch) -> None:
     assert chat.texts == ["before", "after"]
 
 
+async def test_two_sources_in_one_process_each_reach_their_own_twitch() -> None:
+    from twitchio.http import Route
+
+    before = (Route.BASE, Route.ID_BASE)
+    async with FakeTwitch() as one, FakeTwitch(channel="other") as two:
+        first = TwitchSource(settings(one), backoff_base=0.05, backoff_max=0.2)
+        second = TwitchSource(settings(two, channel="other"), backoff_base=0.05, backoff_max=0.2)
+        async with connected(one, first) as chat_one, connected(two, second) as chat_two:
+            assert before == (Route.BASE, Route.ID_BASE)  # nothing process-wide was changed
+            await one.send_chat("alice", "to the first")
+            await two.send_chat("bob", "to the second")
+            await chat_one.wait_count(1)
+            await chat_two.wait_count(1)
+            await chat_one.settle()
+    assert chat_one.texts == ["to the first"] and chat_two.texts == ["to the second"]
+    assert ("GET", "/oauth2/validate") in one.requests and ("GET", "/oauth2/validate") in two.requests
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("eventsub_url", "https://eventsub.wss.twitch.tv/ws", "ws:// or wss://"),
+    ("eventsub_url", "ws:///ws", "with a host"),
+    ("api_url", "ftp://api.twitch.tv/helix", "http:// or https://"),
+    ("auth_url", "https://id.twitch.tv/oauth2?client_secret=x", "query"),
+    ("eventsub_api_url", "127.0.0.1:8080", "http:// or https://"),
+])
+def test_twitch_urls_are_checked_with_the_field_named(field: str, value: str, message: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        settings(**{field: value})
+    (error,) = caught.value.errors()
+    assert error["loc"] == (field,) and message in error["msg"]
+
+
+def test_twitch_urls_default_to_twitch() -> None:
+    chosen = settings()
+    assert (chosen.eventsub_url, chosen.api_url, chosen.auth_url, chosen.eventsub_api_url) == (
+        "wss://eventsub.wss.twitch.tv/ws", "https://api.twitch.tv/helix", "https://id.twitch.tv/oauth2", "")
+
+
+def test_rebase_moves_twitchs_roots_and_the_subscriptions_endpoint() -> None:
+    from chat.sources.twitch_http import Rebase
+
+    rebase = Rebase("http://localhost:8080/mock/", "http://localhost:8080/auth", "http://127.0.0.1:8081")
+    assert rebase("https://api.twitch.tv/helix/users?login=a") == "http://localhost:8080/mock/users?login=a"
+    assert rebase("https://id.twitch.tv/oauth2/validate") == "http://localhost:8080/auth/validate"
+    assert rebase("https://api.twitch.tv/helix/eventsub/subscriptions") == (
+        "http://127.0.0.1:8081/eventsub/subscriptions")
+    assert rebase("https://static-cdn.jtvnw.net/emote.png") == "https://static-cdn.jtvnw.net/emote.png"
+    assert rebase("https://api.twitch.tv/helixx/evil") == "https://api.twitch.tv/helixx/evil"
+
+
+def subscription_posts(fake: FakeTwitch) -> int:
+    return fake.requests.count(("POST", "/helix/eventsub/subscriptions"))
+
+
+@pytest.mark.parametrize("status", ["authorization_revoked", "user_removed", "version_removed",
+                                    "moderator_removed", "a_reason_twitch_adds_later"])
+async def test_a_revoked_chat_subscription_is_not_renewed_and_is_reported_once(
+        fake: FakeTwitch, caplog: pytest.LogCaptureFixture, status: str) -> None:
+    source = make_source(fake)
+    async with connected(fake, source) as chat:
+        posts = subscription_posts(fake)
+        await fake.revoke("channel.chat.message", status)
+        await fake.wait_for(lambda: not source.status()["connected"], what="the source to notice")
+        await asyncio.sleep(0.6)  # a dozen backoff steps: a resubscribe loop would show by now
+        await fake.send_chat("alice", "nobody reads this")
+        await chat.settle()
+        status_now = source.status()
+    assert subscription_posts(fake) == posts
+    assert chat.texts == []
+    assert status_now["revoked"] == {"channel.chat.message": status}
+    assert status_now["connected"] is False
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and status in errors[0] and "channel.chat.message" in errors[0]
+    expected = "token revoked" if status == "authorization_revoked" else f"subscription revoked ({status})"
+    assert status_now["last_error"].startswith(expected)
+
+
+async def test_a_revoked_reward_subscription_leaves_chat_running(fake: FakeTwitch) -> None:
+    source = make_source(fake, settings(broadcaster_token=BROADCASTER_TOKEN, reward_title="Prompt"))
+    async with connected(fake, source, subscriptions=2) as chat:
+        posts = subscription_posts(fake)
+        await fake.revoke("channel.channel_points_custom_reward_redemption.add", "authorization_revoked")
+        await fake.wait_for(lambda: source.status()["revoked"] != {}, what="the revocation")
+        await asyncio.sleep(0.3)
+        await fake.send_chat("alice", "chat goes on")
+        await chat.wait_count(1)
+        assert source.status()["connected"] is True
+    assert subscription_posts(fake) == posts
+    assert source.status()["revoked"] == {"channel.channel_points_custom_reward_redemption.add":
+                                          "authorization_revoked"}
+
+
+async def test_a_repeated_revocation_is_reported_once(fake: FakeTwitch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    # the bot is the broadcaster: one socket carries both subscriptions, so it stays open after one goes
+    own = settings(user_token=BROADCASTER_TOKEN, refresh_token="", reward_title="Prompt")
+    source = make_source(fake, own)
+    async with connected(fake, source, subscriptions=2) as chat:
+        (conn,) = fake.open_connections()
+        sub = next(s for s in conn.subscriptions.values() if s["type"] == "channel.chat.message")
+        await fake.send_revocation(conn, sub, "user_removed")
+        await fake.send_revocation(conn, sub, "user_removed")  # at-least-once, like every EventSub message
+        await fake.wait_for(lambda: source.status()["revoked"] != {}, what="the revocation")
+        await fake.redeem("alice", user_input="still redeemable")
+        await chat.wait_count(1)
+        assert conn.open
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+    assert chat.texts == ["still redeemable"]
+
+
 async def test_offline_start_then_twitch_appears() -> None:
     with socket.socket() as probe:  # a free port where nothing listens yet
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    source = TwitchSource(settings(), eventsub_url=f"ws://127.0.0.1:{port}/ws", helix_url=f"{url}/helix/",
-                          oauth_url=url, backoff_base=0.05, backoff_max=0.2)
+    source = TwitchSource(settings(eventsub_url=f"ws://127.0.0.1:{port}/ws", api_url=f"{url}/helix",
+                                   auth_url=f"{url}/oauth2"), backoff_base=0.05, backoff_max=0.2)
     async with running(source) as chat:
         await asyncio.sleep(0.3)
         status = source.status()
@@ -281,6 +569,54 @@ async def test_replies_go_to_helix_rate_limited(fake: FakeTwitch) -> None:
     status = source.status()
     assert status["replies_sent"] == 20 and status["replies_dropped"] == 10
     assert status["replies_available"] == 0
+
+
+async def test_a_moderator_bot_may_send_100_replies_per_30_s(fake: FakeTwitch) -> None:
+    fake.user_badges["promptbot"] = ["moderator"]  # Twitch shows the bot's badges on its own messages
+    source = make_source(fake)
+    async with connected(fake, source):
+        await source.reply("hello chat")  # its echo shows the moderator badge
+        await fake.wait_for(lambda: source.status()["reply_limit"] == 100, what="the limit raised")
+        for i in range(150):
+            await source.reply(f"announcement {i}")
+    assert len(fake.sent_messages) == 100
+    assert source.status()["bot_role"] == "moderator"
+
+
+async def test_a_bot_that_is_the_broadcaster_may_send_100_from_the_start(fake: FakeTwitch) -> None:
+    source = make_source(fake, settings(user_token=BROADCASTER_TOKEN, refresh_token=""))
+    async with connected(fake, source):
+        for i in range(120):
+            await source.reply(f"announcement {i}")
+    assert len(fake.sent_messages) == 100
+    assert source.status()["bot_role"] == "broadcaster"
+
+
+async def test_a_fixed_reply_limit_is_kept_whatever_the_role(fake: FakeTwitch) -> None:
+    fake.user_badges["promptbot"] = ["moderator"]
+    source = make_source(fake, settings(reply_limit=20))
+    async with connected(fake, source):
+        await source.reply("hello chat")
+        await fake.wait_for(lambda: source.status()["bot_role"] == "moderator", what="the role seen")
+        for i in range(40):
+            await source.reply(f"announcement {i}")
+    assert len(fake.sent_messages) == 20
+
+
+async def test_moderator_confirmations_go_out_when_answers_to_viewers_are_over(fake: FakeTwitch) -> None:
+    source = make_source(fake)
+    async with connected(fake, source) as chat:
+        await fake.send_chat("viewer", "!vote 9")
+        await fake.send_chat("mod", "!pause", badges=["moderator"])
+        viewer, mod = await chat.wait_count(2)
+        for i in range(30):  # a busy minute of refusals
+            await source.reply(f"not accepted: {i}", reply_to=viewer)
+        await source.reply("steering paused", reply_to=mod)
+        await source.reply("Winner: a red fox")  # an announcement
+    sent = [m["message"] for m in fake.sent_messages]
+    assert sent[-2:] == ["steering paused", "Winner: a red fox"]
+    assert len(sent) == 18  # 16 answers to viewers, then the 4 kept back: 2 used
+    assert source.status()["replies_available"] == 2
 
 
 async def test_reply_tokens_come_back_after_the_window(fake: FakeTwitch) -> None:

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from chat.events import ChatEvent
 
 Emit = Callable[[ChatEvent], Awaitable[None]]
-"""Where a source delivers its events; awaited once per event, in arrival order."""
+"""Where a source delivers its events: called once per event, in arrival order; a source may run several
+at once (the Twitch source does), so an emit must not assume the previous one has finished."""
+
+
+class Delivery:
+    """An emit that also takes several events at once: a busy source hands over what has piled up.
+
+    Sources look for `many` (`getattr(emit, "many", None)`) and fall back to one call per event.
+    """
+
+    def __init__(self, one: Emit, many: Callable[[Sequence[ChatEvent]], Awaitable[None]]) -> None:
+        self._one = one
+        self._many = many
+
+    async def __call__(self, event: ChatEvent) -> None:
+        await self._one(event)
+
+    async def many(self, events: Sequence[ChatEvent]) -> None:
+        """Deliver `events` (in arrival order) in one call."""
+        await self._many(events)
 
 
 @runtime_checkable

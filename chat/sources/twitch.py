@@ -19,14 +19,17 @@ What this module adds on top:
   closed (`automod_fail`) where Twitch cannot be asked;
 - redaction: client secret, tokens and refresh tokens never reach a log line or `status()`.
 
-`helix_url`/`oauth_url` move twitchio's `Route.BASE`/`Route.ID_BASE`, which are class attributes: the
-override is process-wide while `run` is active (tests point it at a local fake).
+Where Twitch is comes from the settings (`eventsub_url`, `api_url`, `auth_url`, `eventsub_api_url`; Twitch's
+own by default): the EventSub URL is given to each socket, the HTTP roots through the client's own session
+(chat/sources/twitch_http.py), so nothing process-wide changes and tests or the Twitch CLI mocks need no
+patching.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import logging
 import random
@@ -40,13 +43,14 @@ import aiohttp
 import twitchio
 from twitchio.eventsub import ChannelPointsRedeemAddSubscription, ChatMessageSubscription
 from twitchio.eventsub.websockets import Websocket
-from twitchio.http import Route
 from twitchio.models.moderation import AutomodCheckMessage
 from twitchio.web import BaseAdapter
 
 from chat.events import ChatEvent, Role
 from chat.settings import TwitchSourceSettings
 from chat.sources.base import Emit
+from chat.sources.pump import Pump
+from chat.sources.twitch_http import Rebase, rebased_session
 
 if TYPE_CHECKING:
     from twitchio.eventsub import SubscriptionPayload
@@ -58,6 +62,19 @@ WRITE_SCOPE = "user:write:chat"
 REWARD_SCOPE = "channel:manage:redemptions"
 AUTOMOD_SCOPE = "moderation:read"
 MAX_MESSAGE_CHARS = 500  # Send Chat Message limit
+# Send Chat Message limits per 30 s: a moderator or the broadcaster may send 100, anyone else 20.
+REPLIES_PRIVILEGED, REPLIES_NORMAL = 100, 20
+RESERVED_SHARE = 5  # 1/5 of the budget is kept for moderator confirmations and announcements
+CHAT_TYPE = "channel.chat.message"
+REDEMPTION_TYPE = "channel.channel_points_custom_reward_redemption.add"
+# Why Twitch revokes a subscription (the `status` of a revocation message), and what the operator can do.
+REVOCATION_HELP = {
+    "authorization_revoked": "the token was revoked (its user disconnected the app or changed their password)"
+                             ": make a new token and reload the channel",
+    "user_removed": "the user is no longer on Twitch (deleted or suspended)",
+    "version_removed": "Twitch retired this subscription version: a newer promptcast is needed",
+    "moderator_removed": "the token's user is no longer a moderator of the channel",
+}
 REWARD_PROMPT = "Describe what the stream should show"
 
 
@@ -163,8 +180,9 @@ class ReplyLimiter:
             self._spent.popleft()
         return self.limit - len(self._spent)
 
-    def try_acquire(self) -> bool:
-        if self.available() <= 0:
+    def try_acquire(self, keep: int = 0) -> bool:
+        """Spend a token if more than `keep` are left (`keep` > 0: leave those for what matters more)."""
+        if self.available() <= keep:
             return False
         self._spent.append(self._clock())
         return True
@@ -174,6 +192,28 @@ def backoff_delay(attempt: int, base: float, maximum: float) -> float:
     """Exponential backoff with "equal jitter": half the step fixed, half random."""
     step = min(maximum, base * (2 ** min(attempt, 30)))
     return step / 2 + random.uniform(0, step / 2)
+
+
+def text_from_fragments(message: Any) -> tuple[str, tuple[str, ...]]:
+    """The text to steer with, and the logins it mentions, from a chat message's fragments.
+
+    Cheermotes (`Cheer100`) are left out, so a cheer can carry a command ("Cheer100 !prompt a dragon")
+    and never ends up in a prompt ("a phoenix Cheer50"). Mentions are those Twitch marked (real users).
+    Without fragments the plain text is used.
+    """
+    fragments = getattr(message, "fragments", None) or ()
+    if not fragments:
+        return message.text or "", ()
+    parts: list[str] = []
+    mentions: list[str] = []
+    for fragment in fragments:
+        kind, text = getattr(fragment, "type", "text"), getattr(fragment, "text", None) or ""
+        if kind == "cheermote":
+            continue
+        if kind == "mention" and fragment.mention is not None and fragment.mention.name:
+            mentions.append(fragment.mention.name.casefold())
+        parts.append(text)
+    return "".join(parts), tuple(dict.fromkeys(mentions))
 
 
 def roles_from_badges(badges: Iterable[Any], *, is_broadcaster: bool = False) -> frozenset[Role]:
@@ -243,21 +283,40 @@ class _SetupError(Exception):
 
 
 class _EventSubSocket(Websocket):
-    """twitchio's EventSub socket with a `session_reconnect` handover that loses no notification."""
+    """twitchio's EventSub socket with a `session_reconnect` hand-over that neither stalls nor drops.
+
+    twitchio closes the old socket as soon as the new one is welcomed, losing whatever Twitch had already
+    sent on it. Here, once the new socket is welcomed, the frames already waiting on the old one are
+    handled first (every type: notifications, a revocation), until it has been quiet for `handover_quiet`
+    seconds (milliseconds, not the old 3 s); then the new socket's notifications flow. The old socket stays
+    open and is read by its own loop until Twitch closes it (or `retire_after` seconds pass), so a frame
+    still in flight on it is handled too, only not in order.
+    """
 
     def __init__(self, source: TwitchSource, *, hold: asyncio.Event | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._source = source
-        self._hold = hold  # set: notifications may be dispatched (the old socket's are all out)
+        self._hold = hold  # set: this socket's notifications may go out (the old socket's went first)
+        self._successor: _EventSubSocket | None = None  # set once Twitch moved the session elsewhere
 
     async def _process_notification(self, data: Any) -> None:
         if self._hold is not None and not self._hold.is_set():
             await self._hold.wait()
         await super()._process_notification(data)
 
+    async def _process_revocation(self, data: Any) -> None:
+        # Before twitchio forgets the subscription (and closes a socket left with none): the source must
+        # know first, or its supervisor would subscribe again.
+        self._source._on_revocation(self._token_for, data.get("payload", {}).get("subscription", {}))
+        await super()._process_revocation(data)
+
     async def _reconnect(self, url: str) -> None:
-        # Runs inside the old socket's listen loop, so nothing else reads the old socket meanwhile.
+        # Runs inside the old socket's listen loop: it reads on once this returns.
         source = self._source
+        if self._successor is not None:
+            log.warning("twitch: a second session_reconnect on a socket already moved: ignored")
+            return
+        started = time.monotonic()
         hold = asyncio.Event()
         new = _EventSubSocket(source, hold=hold, keep_alive_timeout=self.keep_alive_timeout,
                               reconnect_attempts=None, client=self._client, token_for=self._token_for,
@@ -271,43 +330,63 @@ class _EventSubSocket(Websocket):
                             source._describe(exc))
                 await self.close()
                 return
+            self._successor = new
             source._adopt(new)
-            # Twitch sent to the old socket until the new one was welcomed: dispatch what is already there
-            # first, then what the new socket holds, so nothing is lost and the order is kept.
-            await self._drain(source._drain_timeout)
+            source._retired.add(self)
+            source._session_reconnects += 1
+            source._spawn(self._retire_after(source._retire_after))
+            welcomed = time.monotonic()
+            handled = await self._handle_waiting_frames(source._handover_quiet)
         finally:
             hold.set()
-        await self.close()
-        source._adopt(new)  # closing the old one may have unregistered a session id the new one shares
-        source._session_reconnects += 1
-        log.info("twitch: session_reconnect handled (new session %s)", new.session_id)
+        source._handover_s = time.monotonic() - welcomed
+        log.info("twitch: session_reconnect handled (new session %s, welcomed after %.0f ms, %d frames of "
+                 "the old socket first, %.0f ms)", new.session_id, (welcomed - started) * 1000, handled,
+                 source._handover_s * 1000)
 
-    async def _drain(self, timeout: float) -> None:
-        socket = self._socket
-        if socket is None:
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not socket.closed:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
+    async def _handle_waiting_frames(self, quiet: float) -> int:
+        """Handle what waits on this (old) socket until it is quiet for `quiet` s; how many frames."""
+        socket, handled = self._socket, 0
+        while socket is not None and not socket.closed:
             try:
-                message = await socket.receive(timeout=remaining)
-            except Exception:  # timeout or a broken socket: nothing more to read
+                message = await socket.receive(timeout=quiet)
+            except TimeoutError:  # quiet: Twitch sends on the new socket now
                 break
             if message.type is not aiohttp.WSMsgType.TEXT:
-                break
-            try:
-                data = json.loads(message.data)
-            except ValueError:
-                continue
-            if data.get("metadata", {}).get("message_type") == "notification":
-                try:
-                    await self._process_notification(data)
-                except Exception as exc:
-                    log.warning("twitch: unreadable notification while draining: %s",
-                                self._source._describe(exc))
+                break  # closing: the listen loop sees the socket closed and lets it go
+            handled += 1
+            await self._handle_frame(message.data)
+        return handled
+
+    async def _handle_frame(self, raw: str) -> None:
+        """One frame read outside twitchio's listen loop, handled as that loop would."""
+        try:
+            data = json.loads(raw)
+            kind = data["metadata"]["message_type"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("twitch: unreadable EventSub frame during a hand-over")
+            return
+        self._last_keepalive = datetime.datetime.now()
+        try:
+            if kind == "notification":
+                await self._process_notification(data)
+            elif kind == "revocation":
+                await self._process_revocation(data)
+            elif kind != "session_keepalive":
+                log.warning("twitch: %s on a socket being replaced: ignored", kind)
+        except Exception as exc:
+            log.warning("twitch: EventSub %s not handled: %s", kind, self._source._describe(exc))
+
+    async def _retire_after(self, seconds: float) -> None:
+        """Twitch closes a moved socket by itself; this is for a server that never does."""
+        await asyncio.sleep(seconds)
+        await self.close()
+
+    async def close(self, cleanup: bool = True, *, reassociate: bool = True) -> None:
+        await super().close(cleanup, reassociate=reassociate)
+        self._source._retired.discard(self)
+        if self._successor is not None:  # closing unregistered the session id, which the new socket shares
+            self._source._adopt(self._successor)
 
 
 # ---------------------------------------------------------------------------------------------- source
@@ -320,21 +399,20 @@ class TwitchSource:
         self,
         settings: TwitchSourceSettings,
         *,
-        eventsub_url: str | None = None,
-        helix_url: str | None = None,
-        oauth_url: str | None = None,
         name: str = "twitch",
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
         stable_after: float = 60.0,
-        reply_limit: int = 20,
+        reply_limit: int | None = None,
         reply_window: float = 30.0,
         keepalive_timeout: int = 10,
-        drain_timeout: float = 3.0,
+        retire_after: float = 30.0,
+        handover_quiet: float = 0.01,
         check_interval: float = 1.0,
         http_timeout: float = 10.0,
         dedupe_size: int = 4096,
         queue_size: int = 10_000,
+        emit_concurrency: int = 64,
         automod_timeout: float = 3.0,
         automod_cache_ttl: float = 300.0,
         automod_cache_size: int = 1024,
@@ -342,29 +420,38 @@ class TwitchSource:
     ) -> None:
         self.settings = settings
         self.name = name
-        self._eventsub_url = (eventsub_url or "wss://eventsub.wss.twitch.tv/ws").split("?")[0]
-        self._helix_url = _with_slash(helix_url) if helix_url else None
-        self._oauth_url = _with_slash(oauth_url) if oauth_url else None
+        self._eventsub_url = settings.eventsub_url
+        self._rebase = Rebase(settings.api_url, settings.auth_url, settings.eventsub_api_url)
+        self._session: aiohttp.ClientSession | None = None
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._stable_after = stable_after
         self._keepalive_timeout = max(10, min(600, int(keepalive_timeout)))
-        self._drain_timeout = drain_timeout
+        self._retire_after = retire_after  # a moved socket still open after this is closed by us
+        self._handover_quiet = handover_quiet
+        self._handover_s: float | None = None  # how long the last session_reconnect held new notifications
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._retired: set[_EventSubSocket] = set()  # moved by session_reconnect, not closed by Twitch yet
         self._check_interval = check_interval
         self._http_timeout = http_timeout
-        self._limiter = ReplyLimiter(reply_limit, reply_window)
+        # An explicit limit (tests) or the setting wins; "auto" starts at 20 and learns the bot's role.
+        fixed = reply_limit or (None if settings.reply_limit == "auto" else int(settings.reply_limit))
+        self._limiter = ReplyLimiter(fixed or REPLIES_NORMAL, reply_window)
+        self._limit_fixed = fixed is not None
+        self._bot_role = "unknown"  # broadcaster | moderator | viewer, as Twitch shows it
         self._recent = RecentIds(dedupe_size)
         self._queue: asyncio.Queue[ChatEvent] = asyncio.Queue(maxsize=queue_size)
+        self._emit_concurrency = max(1, emit_concurrency)
         _REDACT.add(settings.client_secret, settings.user_token, settings.refresh_token,
                     settings.broadcaster_token)
         _REDACT.install()
 
         self._client: twitchio.Client | None = None
         self._groups: dict[str, list[SubscriptionPayload]] = {}  # token user id -> its subscriptions
+        self._revoked: dict[str, str] = {}  # subscription type -> why Twitch revoked it (kept until a reload)
         self._sockets: dict[str, _EventSubSocket] = {}
         self._wake = asyncio.Event()
         self._running = False
-        self._saved_routes: tuple[str, str] | None = None
         self._bot_id: str | None = None
         self._bot_login: str | None = None
         self._broadcaster_id: str | None = None
@@ -397,6 +484,7 @@ class TwitchSource:
         self._session_reconnects = 0
         self._last_error: str | None = None
         self._messages = 0
+        self._last_event_at: float | None = None  # monotonic time of the last event emitted
         self._redemptions = 0
         self._duplicates = 0
         self._echoes_dropped = 0
@@ -412,7 +500,9 @@ class TwitchSource:
         if self._running:
             raise RuntimeError(f"{self.name}: run() is already active")
         self._running = True
-        pump = asyncio.create_task(self._pump(emit), name=f"{self.name}-emit")
+        pump = asyncio.create_task(
+            Pump(self._queue, emit, concurrency=self._emit_concurrency, counted=self._count).run(),
+            name=f"{self.name}-emit")
         try:
             await self._supervise()
         finally:
@@ -420,7 +510,6 @@ class TwitchSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
             await asyncio.shield(self._drop_client())
-            self._restore_routes()
             self._running = False
             self._connected = False
 
@@ -434,7 +523,10 @@ class TwitchSource:
                       else f"the user token lacks {WRITE_SCOPE}")
             log.info("twitch: reply dropped (%s): %.80s", reason, text)
             return
-        if not self._limiter.try_acquire():
+        # Answers to viewers leave the last fifth of the budget to moderators' confirmations and
+        # announcements (reply_to None): in a busy minute the refusals go first, not those.
+        urgent = reply_to is None or reply_to.is_moderator
+        if not self._limiter.try_acquire(keep=0 if urgent else self._limiter.limit // RESERVED_SHARE):
             self._replies_dropped += 1
             log.warning("twitch: reply dropped, over %d replies per %.0f s: %.80s",
                         self._limiter.limit, self._limiter.window, text)
@@ -469,14 +561,22 @@ class TwitchSource:
         await self._set_redemption(event, "FULFILLED")
 
     def status(self) -> dict[str, Any]:
+        """Everything an operator may ask (for /healthz and metrics); never a secret."""
+        connected = self._connected and bool(self._groups) and all(self._healthy(t) for t in self._groups)
+        last = self._last_event_at
         return {
             "source": self.name,
             "kind": "twitch",
             "channel": self.settings.channel,
-            "connected": self._connected and bool(self._groups)
-            and all(self._healthy(t) for t in self._groups),
+            "state": self._state(connected),
+            "connected": connected,
+            "sessions": sorted(s.session_id for s in self._sockets.values() if s.session_id),
+            "subscriptions": sorted(str(getattr(p.type, "value", p.type))
+                                    for payloads in self._groups.values() for p in payloads),
+            "last_message_age_s": None if last is None else round(time.monotonic() - last, 1),
             "reconnects": self._reconnects,
             "session_reconnects": self._session_reconnects,
+            "last_handover_ms": None if self._handover_s is None else round(self._handover_s * 1000, 1),
             "last_error": self._last_error,
             "messages": self._messages,
             "redemptions": self._redemptions,
@@ -488,11 +588,22 @@ class TwitchSource:
             "replies_dropped": self._replies_dropped,
             "replies_failed": self._replies_failed,
             "replies_available": self._limiter.available(),
+            "reply_limit": self._limiter.limit,
+            "bot_role": self._bot_role,
             "reward_id": self._reward_id,
+            "revoked": dict(self._revoked),
             "automod_checked": self._automod_checked,
             "automod_held": self._automod_held,
             "automod_failed": self._automod_failed,
         }
+
+    def _state(self, connected: bool) -> str:
+        """One word for /healthz: connected, connecting, token_revoked, revoked (another reason), stopped."""
+        if self._revoked and not self._groups and self._client is not None:
+            return "token_revoked" if "authorization_revoked" in self._revoked.values() else "revoked"
+        if connected:
+            return "connected"
+        return "connecting" if self._running else "stopped"
 
     # ----- AutoMod -----
 
@@ -579,7 +690,8 @@ class TwitchSource:
     async def _supervise(self) -> None:
         first = True
         while True:
-            if self._client is None or not self._groups or any(not self._healthy(t) for t in self._groups):
+            # A revoked subscription is gone from _groups: nothing reconnects or resubscribes it.
+            if self._client is None or any(not self._healthy(t) for t in self._groups):
                 if not first:
                     if self._connected:  # it was up: lost now
                         if time.monotonic() - self._connected_at < self._stable_after:
@@ -621,7 +733,7 @@ class TwitchSource:
         return socket is not None and socket.connected and not socket._closed and not socket._closing
 
     async def _connect_all(self) -> None:
-        if self._client is None or not self._groups:
+        if self._client is None:
             await self._drop_client()
             try:
                 await self._start_client()
@@ -635,15 +747,14 @@ class TwitchSource:
     async def _start_client(self) -> None:
         settings = self.settings
         self._broadcaster_id, self._broadcaster_auth = None, None  # until this client has logged in
-        self._apply_routes()
+        self._session = rebased_session(self._rebase)
         client = twitchio.Client(client_id=settings.client_id, client_secret=settings.client_secret,
-                                 fetch_client_user=False, adapter=_NoWebAdapter())
+                                 fetch_client_user=False, adapter=_NoWebAdapter(), session=self._session)
         self._client = client
         client.add_listener(self._on_message, event="event_message")
         client.add_listener(self._on_redemption, event="event_custom_redemption_add")
         client.add_listener(self._on_socket_closed, event="event_websocket_closed")
         client.add_listener(self._on_token_refreshed, event="event_token_refreshed")
-        client.add_listener(self._on_revoked, event="event_subscription_revoked")
         async with asyncio.timeout(self._http_timeout * 3):
             # an app token; no token file is read or written
             await client.login(load_tokens=False, save_tokens=False)
@@ -660,11 +771,15 @@ class TwitchSource:
                 raise _SetupError(f"no Twitch channel named {settings.channel!r}")
             broadcaster_id = users[0].id
         self._broadcaster_id = broadcaster_id
+        if bot.user_id == broadcaster_id:
+            self._set_bot_role("broadcaster")
         assert bot.user_id is not None
-        self._groups = {
-            bot.user_id: [ChatMessageSubscription(broadcaster_user_id=broadcaster_id, user_id=bot.user_id)]}
+        self._groups = {}
+        if CHAT_TYPE not in self._revoked:
+            self._groups[bot.user_id] = [
+                ChatMessageSubscription(broadcaster_user_id=broadcaster_id, user_id=bot.user_id)]
         self._reward_id = None
-        if settings.reward_title:
+        if settings.reward_title and REDEMPTION_TYPE not in self._revoked:
             reward_id = await self._setup_reward()
             if reward_id is not None:
                 self._reward_id = reward_id
@@ -773,6 +888,11 @@ class TwitchSource:
             raise
         self._sockets[token_for] = socket
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _adopt(self, socket: _EventSubSocket) -> None:
         """A socket that replaced another after `session_reconnect`."""
         if self._client is None or socket._token_for is None or socket.session_id is None:
@@ -781,6 +901,11 @@ class TwitchSource:
         self._sockets[socket._token_for] = socket
 
     async def _drop_client(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for retired in list(self._retired):
+            with contextlib.suppress(Exception):
+                await retired.close()
         client, self._client = self._client, None
         self._broadcaster_id, self._broadcaster_auth = None, None
         self._sockets.clear()
@@ -788,22 +913,9 @@ class TwitchSource:
         if client is not None:
             with contextlib.suppress(Exception):
                 await client.close(save_tokens=False)
-
-    def _apply_routes(self) -> None:
-        if self._saved_routes is None:
-            self._saved_routes = (Route.BASE, Route.ID_BASE)
-        if self._helix_url:
-            Route.BASE = self._helix_url
-        if self._oauth_url:
-            Route.ID_BASE = self._oauth_url
-
-    def _restore_routes(self) -> None:
-        if self._saved_routes is not None:
-            if self._helix_url and self._helix_url == Route.BASE:
-                Route.BASE = self._saved_routes[0]
-            if self._oauth_url and self._oauth_url == Route.ID_BASE:
-                Route.ID_BASE = self._saved_routes[1]
-            self._saved_routes = None
+        session, self._session = self._session, None
+        if session is not None:  # ours, so twitchio leaves it open
+            await session.close()
 
     # ----- events -----
 
@@ -815,17 +927,12 @@ class TwitchSource:
             log.warning("twitch: %d events wait for the consumer; dropped one from @%s",
                         self._queue.qsize(), event.login)
 
-    async def _pump(self, emit: Emit) -> None:
-        while True:
-            event = await self._queue.get()
-            if event.redemption_id is None:
-                self._messages += 1
-            else:
-                self._redemptions += 1
-            try:
-                await emit(event)
-            except Exception:
-                log.exception("twitch: emit failed for message %s", event.message_id)
+    def _count(self, event: ChatEvent) -> None:
+        if event.redemption_id is None:
+            self._messages += 1
+            self._last_event_at = time.monotonic()
+        else:
+            self._redemptions += 1
 
     async def _on_message(self, message: twitchio.ChatMessage) -> None:
         # No await before _enqueue: events keep the order twitchio dispatched them in.
@@ -841,24 +948,46 @@ class TwitchSource:
             if foreign and self.settings.shared_chat == "own":
                 self._shared_dropped += 1
                 return
+            if message.chatter.id == self._bot_id:
+                self._learn_bot_role(message.badges)
             if message.chatter.id == self._bot_id and self._is_own_echo(message):
                 self._echoes_dropped += 1
                 return
             if self._reward_id is not None and message.channel_points_id == self._reward_id:
                 return  # the redemption event carries it, with the ids a refund needs
             chatter = message.chatter
+            text, mentions = text_from_fragments(message)
             self._enqueue(ChatEvent(
                 source=self.name,
                 message_id=message.id,
                 user_id=chatter.id,
                 login=chatter.name or "",
                 display_name=chatter.display_name or chatter.name or "",
-                text=message.text,
+                text=text,
                 time=time.time(),
                 roles=roles_from_badges(message.badges, is_broadcaster=chatter.id == self._broadcaster_id),
+                mentions=mentions,
             ))
         except Exception as exc:
             log.warning("twitch: unusable chat message: %s", self._describe(exc))
+
+    def _learn_bot_role(self, badges: Iterable[Any]) -> None:
+        """The bot's own messages come back with its badges: they say which reply limit Twitch applies."""
+        roles = roles_from_badges(badges, is_broadcaster=self._bot_id == self._broadcaster_id)
+        role = ("broadcaster" if Role.BROADCASTER in roles else "moderator" if Role.MODERATOR in roles
+                else "viewer")
+        if role != self._bot_role:
+            self._set_bot_role(role)
+
+    def _set_bot_role(self, role: str) -> None:
+        self._bot_role = role
+        if self._limit_fixed:
+            return
+        limit = REPLIES_NORMAL if role == "viewer" else REPLIES_PRIVILEGED
+        if limit != self._limiter.limit:
+            log.info("twitch: the bot is %s in #%s: up to %d replies per 30 s", role, self.settings.channel,
+                     limit)
+            self._limiter.limit = limit
 
     def _is_own_echo(self, message: twitchio.ChatMessage) -> bool:
         """Twitch delivers the bot's own replies back as chat: they must not steer (nor loop)."""
@@ -902,9 +1031,22 @@ class TwitchSource:
         _REDACT.add(payload.token, payload.refresh_token)
         log.info("twitch: the token of user %s was refreshed", payload.user_id)
 
-    async def _on_revoked(self, payload: Any) -> None:
-        log.warning("twitch: Twitch revoked the %s subscription (%s)", getattr(payload, "type", "?"),
-                    getattr(payload, "status", "?"))
+    def _on_revocation(self, token_for: str | None, subscription: dict[str, Any]) -> None:
+        """Twitch revoked a subscription: drop it for good (until a reload) and say so once, loudly."""
+        type_, status = str(subscription.get("type", "?")), str(subscription.get("status", "?"))
+        if type_ in self._revoked:
+            return
+        self._revoked[type_] = status
+        payloads = self._groups.get(token_for or "", [])
+        payloads[:] = [p for p in payloads if str(getattr(p.type, "value", p.type)) != type_]
+        if token_for in self._groups and not payloads:
+            del self._groups[token_for]  # nothing left to read on that token: no socket, no reconnect
+            self._sockets.pop(token_for, None)
+        help_text = REVOCATION_HELP.get(status, f"Twitch gave the reason {status!r}")
+        what = "token revoked" if status == "authorization_revoked" else f"subscription revoked ({status})"
+        self._last_error = f"{what}: {type_}: {help_text}"
+        log.error("twitch: Twitch revoked the %s subscription of #%s (%s): %s; it is not renewed until the "
+                  "channel is reloaded", type_, self.settings.channel, status, help_text)
         self._wake.set()
 
     async def _set_redemption(self, event: ChatEvent, status: str) -> None:
@@ -931,6 +1073,3 @@ class TwitchSource:
         text = str(exc) or type(exc).__name__
         return _REDACT(f"{type(exc).__name__}: {text}"[:500])
 
-
-def _with_slash(url: str) -> str:
-    return url if url.endswith("/") else url + "/"
