@@ -63,3 +63,49 @@ def test_every_encoded_video_packet_carries_its_prompt_and_a_decoder_still_decod
     decoded = [f for p in video for f in decoder.decode(av.Packet(p.data))]
     assert len(decoded) == 20
     assert abs(int(decoded[-1].to_ndarray(format="yuv420p")[20, 20]) - 90) <= 3
+
+
+def _tagged_stream(frames: int = 20) -> tuple[StreamEncoder, list]:
+    encoder = StreamEncoder(EncoderSettings(preset="ultrafast", video_bitrate_kbps=300, keyframe_seconds=1),
+                            64, 48, 16)
+    image = np.full((72, 64), 90, np.uint8)
+    packets = [p for i in range(frames) for p in encoder.encode(image, i, prompt_seq=100 + i // 5)]
+    return encoder, packets
+
+
+def test_the_prompt_of_every_frame_survives_each_container_the_outputs_write(tmp_path):
+    from broadcaster.outputs.muxer_process import MuxTarget, _Destination
+    from broadcaster.readback import read_frames
+
+    encoder, packets = _tagged_stream()
+    time_bases = (encoder.video_time_base, encoder.audio_time_base)
+    # flv: RTMP; mpegts: HLS segments; mp4 (fragmented, as recordings) and matroska: recordings.
+    for fmt, options in (("flv", {}), ("mpegts", {}), ("mp4", {"movflags": "frag_keyframe+empty_moov"}),
+                         ("matroska", {})):
+        path = tmp_path / f"out.{fmt}"
+        target = MuxTarget(name=fmt, kind="rtmp", format=fmt, destination=str(path), options=options)
+        dest = _Destination(target, encoder.template, time_bases)
+        for packet in packets:
+            dest.write(packet, time_bases[packet.stream])
+        dest.close()
+        frames = list(read_frames(str(path), options={}))
+        assert [(f.tag.prompt_seq, f.tag.frame_index) for f in frames] == \
+            [(100 + i // 5, i) for i in range(20)], fmt
+    encoder.close()
+
+
+def test_the_prompt_survives_webrtc_packetization_and_depacketization():
+    from aiortc.codecs.h264 import H264Encoder, H264PayloadDescriptor
+
+    from broadcaster.webrtc import prepare_video
+
+    encoder, packets = _tagged_stream(6)
+    video = [p for p in packets if p.stream == VIDEO]
+    rtp = H264Encoder()
+    for i, packet in enumerate(video):
+        media = av.Packet(prepare_video(packet.data, packet.keyframe, encoder.video_headers))
+        media.pts, media.time_base = i, encoder.video_time_base
+        payloads, _ = rtp.pack(media)
+        received = b"".join(H264PayloadDescriptor.parse(payload)[1] for payload in payloads)
+        assert read_tag(received).frame_index == i
+    encoder.close()
