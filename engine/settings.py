@@ -43,7 +43,7 @@ class EngineSettings(BaseModel):
                     "are dropped when the new prompt's first block is ready (sooner, with a visible jump)",
     )
     preview_block_frames: int = Field(
-        4, ge=1, le=48,
+        3, ge=1, le=48,
         description="preview engine: frames per block, i.e. how often it can take a switch "
                     "(12 reproduces LongLive's block timing)",
     )
