@@ -432,7 +432,12 @@ def _compose(text: str, source: str) -> tuple[Any, yaml.Node | None]:
             raise ConfigError(source, [ConfigProblem(
                 _format_loc(path), f"expands to more than {MAX_CONFIG_NODES} values through YAML aliases "
                                    "(refused: an alias bomb?)", line)])
-        return loader.construct_document(root), root
+        try:
+            return loader.construct_document(root), root
+        except yaml.YAMLError as exc:  # e.g. a bare "=" (YAML's unsupported !!value tag)
+            mark = getattr(exc, "problem_mark", None)
+            raise ConfigError(source, [ConfigProblem("", f"not valid YAML: {exc}",
+                                                     mark.line + 1 if mark else None)]) from None
     finally:
         if loader is not None:
             loader.dispose()

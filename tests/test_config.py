@@ -507,3 +507,9 @@ def test_self_referencing_alias_is_refused_not_crashed_on():
 def test_absurdly_deep_nesting_is_refused_not_crashed_on():
     with pytest.raises(ConfigError):
         parse_settings("schedule: " + "[" * 1000 + "]" * 1000 + "\n", env={})
+
+
+def test_a_yaml_value_no_constructor_knows_is_a_config_error():
+    # Found by the fuzz test above: "=" is YAML's !!value tag, which the safe loader cannot build.
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_settings("=", env={})
