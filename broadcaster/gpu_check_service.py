@@ -18,7 +18,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,46 +27,8 @@ from pathlib import Path
 
 import yaml
 
+from broadcaster.nginx_rtmp import NginxRtmp, free_port
 from engine import gpu_check
-
-RTMP_MODULES = ("/usr/lib/nginx/modules/ngx_rtmp_module.so", "/usr/share/nginx/modules/ngx_rtmp_module.so")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalRtmp:
-    """nginx with the RTMP module on a free loopback port, in a prefix of its own."""
-
-    def __init__(self, prefix: Path):
-        self.prefix, self.port = prefix, _free_port()
-        module = next((m for m in RTMP_MODULES if Path(m).is_file()), None)
-        if shutil.which("nginx") is None or module is None:
-            raise FileNotFoundError("nginx with the RTMP module is not installed (libnginx-mod-rtmp)")
-        (prefix / "logs").mkdir(parents=True, exist_ok=True)
-        user = "user root;\n" if os.geteuid() == 0 else ""
-        (prefix / "nginx.conf").write_text(
-            f"load_module {module};\n{user}worker_processes 1;\npid {prefix}/nginx.pid;\n"
-            f"error_log {prefix}/logs/error.log;\nevents {{ worker_connections 64; }}\n"
-            f"rtmp {{ server {{ listen 127.0.0.1:{self.port}; "
-            "application live { live on; record off; } } }\n")
-        self.proc = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-                                      "-g", "daemon off;"], stderr=subprocess.DEVNULL)
-
-    def url(self, key: str) -> str:
-        """Publish/play URL of a stream key."""
-        return f"rtmp://127.0.0.1:{self.port}/live/{key}"
-
-    def stop(self) -> None:
-        """Stop nginx."""
-        self.proc.send_signal(signal.SIGQUIT)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def _get(url: str, token: str | None = None, data: bytes | None = None) -> bytes:
@@ -91,11 +52,11 @@ def service_check(weights: Path, size: str, device: str, switches: int, out: Pat
     rtmp = None
     outputs = [{"kind": "hls", "dir": str(work / "hls")}]
     try:
-        rtmp = LocalRtmp(work / "nginx")
+        rtmp = NginxRtmp(work).start()
         outputs.append({"kind": "rtmp", "url": rtmp.url("gpu-check")})
-    except FileNotFoundError as missing:
+    except (OSError, RuntimeError) as missing:  # no nginx, no RTMP module, or it did not come up
         print(f"service mode: RTMP skipped: {missing}")
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), secrets.token_hex(16)
     config = {"channel": "gpu-check", "server": {"host": "127.0.0.1", "port": port},
               "store": {"kind": "memory"},
               "engine": {"backend": "longlive", "weights_dir": str(weights.resolve()), "dtype": "auto",
